@@ -1,0 +1,646 @@
+"""brokest's behaviour, one test per sentence, in the order the README tells it.
+
+Every test talks to real worker processes (`python brokest.py`) on 127.0.0.1 over real
+sockets; faults are real too: workers are killed and frozen by their own pid.
+The task functions below are pickled by reference, and the workers import them from this file.
+"""
+import asyncio
+import concurrent.futures
+import logging
+import os
+import pickle
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+
+import brokest
+
+HERE = Path(__file__).resolve().parent
+KEY = "test-key-5f1c2a"
+
+
+# --- Tasks the workers run ---
+
+def add(a, b):
+    return a + b
+
+
+def identify(x):
+    return os.getpid(), x
+
+
+def divide(a, b):
+    return a / b
+
+
+def return_a_lock():
+    return threading.Lock()
+
+
+def raise_with_a_lock():
+    raise ValueError("holds a lock", threading.Lock())
+
+
+def call_sys_exit(code):
+    sys.exit(code)
+
+
+def echo(value):
+    return value
+
+
+def sleep_then_return(seconds, value):
+    time.sleep(seconds)
+    return value
+
+
+def touch_then_sleep(path, seconds):
+    Path(path).touch()
+    time.sleep(seconds)
+
+
+def keep_python_busy(seconds):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        pass
+    return "done"
+
+
+def meet_then_return_pid(directory, expected):
+    """Announce this worker in directory, wait until `expected` workers have, return the pid."""
+    Path(directory, str(os.getpid())).touch()
+    deadline = time.monotonic() + 10
+    while len(os.listdir(directory)) < expected:
+        if time.monotonic() > deadline:
+            raise TimeoutError("the other worker never started its task")
+        time.sleep(0.01)
+    return os.getpid()
+
+
+def die_the_first_time(marker):
+    if not os.path.exists(marker):
+        Path(marker).touch()
+        os.kill(os.getpid(), signal.SIGKILL)
+    return os.getpid()
+
+
+def count_the_run_then_fail(path):
+    with open(path, "a") as runs:
+        runs.write("run\n")
+    raise ValueError("this task always fails")
+
+
+class CreatesFileWhenUnpickled:
+    """A payload whose unpickling creates a file: proof that something was unpickled."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+class RaisesWhenUnpickled:
+    def __reduce__(self):
+        return int, ("not a number",)
+
+
+# --- Helpers and fixtures ---
+
+def wait_until(predicate, timeout=10.0):
+    """Return once predicate() is true; fail the test if it is not within timeout seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"waited {timeout} s in vain for {predicate}")
+        time.sleep(0.01)
+
+
+def free_port():
+    """Return a port the OS says is free on 127.0.0.1 (for tests that need a port up front)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class WorkerProcess:
+    """A `python brokest.py` process on 127.0.0.1; its addresses are read from its log."""
+
+    def __init__(self, *options, workers=1, env=None, wait=True):
+        self.process = subprocess.Popen(
+            [sys.executable, str(HERE / "brokest.py"), *options],
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+            env={**os.environ, **(env or {})})
+        self.log = []
+        self.addresses = []
+        self.changed = threading.Condition()
+        threading.Thread(target=self._read_log, daemon=True).start()
+        if wait:
+            self.wait_for_log(r"listening on", count=workers)
+
+    def _read_log(self):
+        for line in self.process.stderr:
+            with self.changed:
+                self.log.append(line)
+                self.addresses += re.findall(r"listening on (tcp://\S+)", line)
+                self.changed.notify_all()
+
+    def wait_for_log(self, pattern, count=1, timeout=10.0):
+        """Return the log lines matching pattern, once there are count of them."""
+        def matching():
+            return [line for line in self.log if re.search(pattern, line)]
+
+        with self.changed:
+            found = self.changed.wait_for(lambda: len(matching()) >= count, timeout)
+            lines = matching()
+        assert found, f"no {count} log lines matching {pattern!r} in {timeout} s: {self.log}"
+        return lines
+
+    @property
+    def address(self):
+        return self.addresses[0]
+
+    @property
+    def pid(self):
+        return self.process.pid
+
+    def stop(self):
+        if self.process.poll() is None:
+            os.kill(self.pid, signal.SIGCONT)
+            self.process.kill()
+        self.process.wait(10)
+
+
+@pytest.fixture
+def start_worker():
+    """Start worker processes (port 0 unless told) and kill whichever are left at the end."""
+    started = []
+
+    def start(*options, **kwargs):
+        if "--port" not in options:
+            options += ("--port", "0")
+        started.append(WorkerProcess(*options, **kwargs))
+        return started[-1]
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+@pytest.fixture
+def worker(start_worker):
+    return start_worker()
+
+
+@pytest.fixture
+def two_workers(start_worker):
+    return start_worker(), start_worker()
+
+
+@pytest.fixture
+def make_client():
+    """Make Clients and shut them all down at the end."""
+    clients = []
+
+    def make(*args, **kwargs):
+        clients.append(brokest.Client(*args, **kwargs))
+        return clients[-1]
+
+    yield make
+    for client in clients:
+        client.shutdown(cancel_futures=True)
+
+
+def raw_request(address, frames, timeout_ms=5000):
+    """Send frames on a fresh REQ socket and return the reply's frames, or None if none came."""
+    with zmq.Context.instance().socket(zmq.REQ) as sock:
+        sock.linger = 0
+        sock.connect(address)
+        sock.send_multipart(frames)
+        if not sock.poll(timeout_ms):
+            return None
+        return sock.recv_multipart()
+
+
+# --- The basics: queue(), errors coming home ---
+
+def test_queue_returns_the_function_result(worker, make_client):
+    assert make_client(worker.address).queue(add, 2, b=40) == 42
+
+
+def test_module_level_queue_uses_the_workers_named_in_the_environment(two_workers):
+    script = "import os, brokest; print(sorted({brokest.queue(os.getpid) for _ in range(6)}))"
+    env = {**os.environ, "BROKEST_ADDRESS": ",".join(w.address for w in two_workers),
+           "BROKEST_TIMEOUT": "10", "PYTHONPATH": str(HERE)}
+    output = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
+                            text=True, timeout=30, check=True).stdout
+    assert output.strip() == str(sorted(w.pid for w in two_workers))
+
+
+def test_importing_brokest_opens_no_socket():
+    script = ("import os; before = len(os.listdir('/proc/self/fd')); import brokest; "
+              "print(len(os.listdir('/proc/self/fd')) - before)")
+    output = subprocess.run([sys.executable, "-c", script], cwd=HERE, capture_output=True,
+                            text=True, timeout=30, check=True).stdout
+    assert output.strip() == "0"
+
+
+def test_task_exception_is_raised_with_the_remote_traceback(worker, make_client):
+    with pytest.raises(ZeroDivisionError) as raised:
+        make_client(worker.address).queue(divide, 1, 0)
+    assert raised.value.args == ("division by zero",)
+    assert isinstance(raised.value.__cause__, brokest.RemoteTraceback)
+    assert "in divide" in str(raised.value.__cause__)
+
+
+def test_worker_keeps_serving_after_a_task_fails(worker, make_client):
+    client = make_client(worker.address)
+    with pytest.raises(ZeroDivisionError):
+        client.queue(divide, 1, 0)
+    assert client.queue(divide, 1, 4) == 0.25
+
+
+def test_sys_exit_in_a_task_is_raised_at_the_caller_and_never_ends_the_worker(worker, make_client):
+    client = make_client(worker.address)
+    with pytest.raises(SystemExit) as raised:
+        client.queue(call_sys_exit, 3)
+    assert raised.value.code == 3
+    assert client.queue(add, 1, 1) == 2
+
+
+def test_unpicklable_result_raises_remote_error_and_the_worker_keeps_serving(worker, make_client):
+    client = make_client(worker.address)
+    with pytest.raises(brokest.RemoteError, match="result of type lock could not be pickled"):
+        client.queue(return_a_lock)
+    assert client.queue(add, 1, 1) == 2
+
+
+def test_unpicklable_exception_raises_remote_error_with_its_traceback(worker, make_client):
+    client = make_client(worker.address)
+    with pytest.raises(brokest.RemoteError, match="raised ValueError, which could not be pickled") as raised:
+        client.queue(raise_with_a_lock)
+    assert "in raise_with_a_lock" in str(raised.value)
+    assert client.queue(add, 1, 1) == 2
+
+
+def test_function_from_a_module_the_worker_lacks_gets_an_error_saying_how_to_fix_it(
+        worker, make_client, tmp_path, monkeypatch):
+    (tmp_path / "only_in_the_client.py").write_text("def double(x):\n    return 2 * x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import only_in_the_client
+    client = make_client(worker.address)
+    with pytest.raises(brokest.RemoteError, match=r"register_pickle_by_value\(only_in_the_client\)"):
+        client.queue(only_in_the_client.double, 2)
+    assert client.queue(add, 1, 1) == 2
+
+
+def test_worker_logs_one_line_per_task_with_name_duration_and_status(worker, make_client):
+    client = make_client(worker.address)
+    client.queue(add, 1, 2)
+    with pytest.raises(ZeroDivisionError):
+        client.queue(divide, 1, 0)
+    assert worker.wait_for_log(r"add [\d.]+ ms ok")
+    assert worker.wait_for_log(r"divide [\d.]+ ms error ZeroDivisionError")
+
+
+# --- Large buffers ---
+
+def test_large_bytes_travel_as_their_own_frame_without_a_copy():
+    payload = b"x" * (1 << 20)
+    frames = brokest.pack_message(None, b"id", (len, (brokest.out_of_band(payload),), {}))
+    assert len(frames) == 4 and frames[3].obj is payload and len(frames[2]) < 1000
+
+
+def test_numpy_arrays_travel_as_their_own_frame_without_a_copy():
+    numpy = pytest.importorskip("numpy")
+    array = numpy.arange(1 << 18)
+    frames = brokest.pack_message(None, b"id", (len, (array,), {}))
+    assert len(frames) == 4
+    assert numpy.shares_memory(array, numpy.frombuffer(frames[3], dtype=array.dtype))
+
+
+@pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
+def test_large_bytes_like_values_come_back_as_the_same_type(worker, make_client, kind):
+    value = kind(os.urandom(1 << 20))
+    result = make_client(worker.address).queue(echo, value)
+    assert type(result) is kind and bytes(result) == bytes(value)
+
+
+def test_numpy_array_comes_back_equal_and_writable(worker, make_client):
+    numpy = pytest.importorskip("numpy")
+    array = numpy.arange(1 << 18, dtype=numpy.float64).reshape(512, 512)
+    result = make_client(worker.address).queue(echo, array)
+    assert (result == array).all() and result.flags.writeable
+
+
+# --- Several workers: submit, map, threads ---
+
+def test_map_runs_on_two_workers_at_once(two_workers, make_client, tmp_path):
+    client = make_client([w.address for w in two_workers], timeout=20)
+    pids = list(client.map(meet_then_return_pid, [tmp_path] * 2, [2, 2]))
+    assert sorted(pids) == sorted(w.pid for w in two_workers)
+
+
+def test_submit_returns_futures_that_work_with_as_completed(worker, make_client):
+    client = make_client(worker.address)
+    futures = [client.submit(add, n, 1) for n in range(5)]
+    done = concurrent.futures.as_completed(futures, timeout=20)
+    assert sorted(future.result() for future in done) == [1, 2, 3, 4, 5]
+
+
+def test_client_works_with_asyncio_run_in_executor(worker, make_client):
+    client = make_client(worker.address)
+
+    async def main():
+        return await asyncio.get_running_loop().run_in_executor(client, add, 20, 22)
+
+    assert asyncio.run(main()) == 42
+
+
+def test_addresses_may_be_a_comma_separated_string(two_workers, make_client):
+    client = make_client(" , ".join(w.address for w in two_workers))
+    assert client.addresses == [w.address for w in two_workers]
+
+
+def test_slow_task_does_not_block_the_other_workers(two_workers, make_client):
+    # two workers; one is stuck on a slow task while 20 quick ones arrive
+    client = make_client([w.address for w in two_workers])
+    slow = client.submit(sleep_then_return, 3, "slow")
+    quick = [client.submit(add, n, 0) for n in range(20)]
+    concurrent.futures.wait(quick, timeout=2.5)
+    assert [future.result(timeout=0) for future in quick] == list(range(20))
+    assert not slow.done()
+
+
+def test_many_threads_share_one_client_and_lose_nothing(two_workers, make_client):
+    # 8 threads x 500 calls on one Client over two workers
+    client = make_client([w.address for w in two_workers], timeout=30)
+
+    def calls(thread):
+        return [client.queue(identify, (thread, n)) for n in range(500)]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as threads:
+        results = [r for batch in threads.map(calls, range(8), timeout=60) for r in batch]
+    assert sorted(x for _, x in results) == [(t, n) for t in range(8) for n in range(500)]
+    assert {pid for pid, _ in results} == {w.pid for w in two_workers}
+
+
+# --- Worker lifecycle and command line ---
+
+def test_stop_from_another_thread_ends_start_and_frees_the_port(make_client):
+    worker = brokest.Worker(port=0)
+    thread = threading.Thread(target=worker.start)
+    thread.start()
+    wait_until(lambda: worker.address)
+    assert make_client(worker.address, timeout=10).queue(add, 1, 2) == 3
+    worker.stop()
+    thread.join(timeout=2)
+    assert not thread.is_alive()
+    # the port is free again: a new worker listens on it
+    again = brokest.Worker(port=int(worker.address.rsplit(":", 1)[1]))
+    thread = threading.Thread(target=again.start)
+    thread.start()
+    try:
+        assert make_client(worker.address, timeout=10).queue(add, 2, 2) == 4
+    finally:
+        again.stop()
+        thread.join(timeout=2)
+
+
+def test_sigterm_stops_the_worker_cleanly(worker):
+    worker.process.send_signal(signal.SIGTERM)
+    assert worker.process.wait(timeout=5) == 0
+    assert worker.wait_for_log("stopped")
+
+
+def test_cli_processes_starts_n_workers_and_sigterm_stops_them_all(start_worker, make_client):
+    workers = start_worker("--processes", "2", workers=2)
+    client = make_client(workers.addresses, timeout=10)
+    pids = {client.queue(identify, 0)[0] for _ in range(4)}
+    assert len(pids) == 2
+    workers.process.send_signal(signal.SIGTERM)
+    assert workers.process.wait(timeout=10) == 0
+    assert len(workers.wait_for_log("stopped", count=2)) == 2
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_cli_help_exits_zero():
+    result = subprocess.run([sys.executable, str(HERE / "brokest.py"), "--help"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and "--processes" in result.stdout
+
+
+# --- Timeouts and lost workers ---
+
+def test_timeout_raises_timeout_error_and_the_client_stays_usable(worker, make_client):
+    client = make_client(worker.address, timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        client.queue(sleep_then_return, 1.3, "late")
+    assert time.monotonic() - started < 1.5
+    # the late reply to the abandoned request is never taken for this one's
+    assert client.queue(echo, "fresh") == "fresh"
+
+
+def test_killed_worker_raises_worker_lost_within_seconds(worker, make_client, tmp_path):
+    client = make_client(worker.address)  # no timeout
+    task = client.submit(touch_then_sleep, tmp_path / "started", 60)
+    wait_until((tmp_path / "started").exists)
+    worker.process.kill()
+    with pytest.raises(brokest.WorkerLost):
+        task.result(timeout=5)
+
+
+def test_frozen_worker_raises_worker_lost_within_ten_seconds(worker, make_client, tmp_path):
+    client = make_client(worker.address)  # no timeout
+    task = client.submit(touch_then_sleep, tmp_path / "started", 60)
+    wait_until((tmp_path / "started").exists)
+    os.kill(worker.pid, signal.SIGSTOP)
+    with pytest.raises(brokest.WorkerLost):
+        task.result(timeout=10)
+
+
+def test_long_task_holding_the_worker_busy_is_not_taken_for_a_dead_worker(worker, make_client):
+    # the task keeps the worker's Python busy for longer than twice the heartbeat timeout
+    busy_seconds = 2.5 * brokest.HEARTBEAT_TIMEOUT_MS / 1000
+    assert make_client(worker.address).queue(keep_python_busy, busy_seconds) == "done"
+
+
+def test_call_with_no_worker_listening_times_out(make_client):
+    client = make_client(f"tcp://127.0.0.1:{free_port()}", timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        client.queue(add, 1, 2)
+    assert time.monotonic() - started < 1.5
+
+
+def test_call_with_no_worker_waits_with_a_warning_until_one_comes_up(
+        start_worker, make_client, caplog):
+    port = free_port()
+    task = make_client(f"tcp://127.0.0.1:{port}").submit(add, 1, 2)  # no timeout
+    with caplog.at_level(logging.WARNING, logger="brokest"):
+        wait_until(lambda: f"waiting for a worker to come up at tcp://127.0.0.1:{port}" in caplog.text)
+    start_worker("--port", str(port))
+    assert task.result(timeout=10) == 3
+
+
+def test_worker_restarted_on_the_same_port_is_used_again(start_worker, make_client):
+    first = start_worker()
+    client = make_client(first.address, timeout=10)
+    assert client.queue(identify, 0)[0] == first.pid
+    first.stop()
+    second = start_worker("--port", first.address.rsplit(":", 1)[1])
+    assert client.queue(identify, 0)[0] == second.pid
+
+
+def test_retries_send_a_lost_task_to_another_worker(two_workers, make_client, tmp_path):
+    client = make_client([w.address for w in two_workers], retries=1)
+    survivor = client.queue(die_the_first_time, tmp_path / "died")
+    assert survivor in {w.pid for w in two_workers}
+    assert [w.process.poll() for w in two_workers].count(None) == 1
+
+
+def test_task_that_raised_is_never_retried(two_workers, make_client, tmp_path):
+    client = make_client([w.address for w in two_workers], retries=2)
+    with pytest.raises(ValueError):
+        client.queue(count_the_run_then_fail, tmp_path / "runs")
+    assert (tmp_path / "runs").read_text() == "run\n"
+
+
+# --- Bad input never kills a worker ---
+
+@pytest.mark.parametrize("frames", [
+    [b"garbage"],
+    [b"", b"request-id"],
+    [b"", b"request-id", pickle.dumps((add, (1, 2), {}))[:-5]],
+    [b"", b"request-id", pickle.dumps(RaisesWhenUnpickled())],
+    [b"", b"request-id", pickle.dumps("not a call")],
+], ids=["one-garbage-frame", "too-few-frames", "truncated-pickle", "raises-while-loading",
+        "not-a-call"])
+def test_bad_request_gets_an_error_reply_and_the_worker_keeps_serving(worker, make_client, frames):
+    request_id, (kind, message) = brokest.unpack_message(None, raw_request(worker.address, frames))
+    assert kind == "error" and message.startswith("request rejected")
+    assert worker.wait_for_log("rejected a request")
+    assert make_client(worker.address, timeout=10).queue(add, 1, 2) == 3
+
+
+def test_message_larger_than_max_message_size_is_dropped_and_the_worker_keeps_serving(
+        start_worker, make_client):
+    worker = start_worker("--max-message-size", "10000")
+    assert raw_request(worker.address, [b"", b"id", b"x" * 100_000], timeout_ms=1000) is None
+    client = make_client(worker.address, timeout=10)
+    with pytest.raises(brokest.WorkerLost):
+        client.queue(len, "x" * 100_000)
+    assert client.queue(add, 1, 2) == 3
+
+
+# --- Keys and signatures ---
+
+@pytest.mark.parametrize("signature", [b"", b"\x00" * 32, b"wrong signature"])
+def test_request_with_a_bad_signature_is_never_unpickled(start_worker, make_client, tmp_path,
+                                                         signature):
+    worker = start_worker(env={"BROKEST_KEY": KEY})
+    marker = tmp_path / "unpickled"
+    reply = raw_request(worker.address, [signature, b"id", pickle.dumps(CreatesFileWhenUnpickled(marker))])
+    _, (kind, message) = brokest.unpack_message(KEY.encode(), reply)
+    assert kind == "error" and "signature did not verify" in message
+    assert not marker.exists()
+    assert make_client(worker.address, key=KEY, timeout=10).queue(add, 1, 2) == 3
+
+
+def test_request_signed_with_another_key_is_never_unpickled(start_worker, tmp_path):
+    worker = start_worker(env={"BROKEST_KEY": KEY})
+    marker = tmp_path / "unpickled"
+    forged = brokest.pack_message(b"another key", b"id", CreatesFileWhenUnpickled(marker))
+    raw_request(worker.address, forged)
+    assert not marker.exists()
+
+
+def test_client_with_the_wrong_key_gets_a_clear_error_quickly(start_worker, make_client):
+    worker = start_worker(env={"BROKEST_KEY": KEY})
+    started = time.monotonic()
+    with pytest.raises(brokest.AuthenticationError, match="signature did not verify"):
+        make_client(worker.address, key="not the key").queue(add, 1, 2)  # no timeout
+    assert time.monotonic() - started < 2
+
+
+def test_client_without_a_key_gets_a_clear_error_from_a_keyed_worker(start_worker, make_client):
+    worker = start_worker(env={"BROKEST_KEY": KEY})
+    with pytest.raises(brokest.AuthenticationError):
+        make_client(worker.address).queue(add, 1, 2)
+
+
+def test_key_file_sets_the_worker_key_with_whitespace_stripped(start_worker, make_client, tmp_path):
+    (tmp_path / "key").write_text(f"  {KEY}\n")
+    worker = start_worker("--key-file", str(tmp_path / "key"))
+    assert make_client(worker.address, key=KEY.encode()).queue(add, 1, 2) == 3
+
+
+@pytest.mark.parametrize("signature", [b"", b"\x00" * 32])
+def test_rogue_worker_cannot_make_a_keyed_client_unpickle_its_reply(make_client, tmp_path, signature):
+    # a REP socket posing as a worker answers with a malicious pickle, echoing the request id
+    marker = tmp_path / "unpickled"
+    rogue = zmq.Context.instance().socket(zmq.REP)
+    rogue.linger = 0
+    port = rogue.bind_to_random_port("tcp://127.0.0.1")
+
+    def answer_once():
+        request = rogue.recv_multipart()
+        rogue.send_multipart([signature, request[1], pickle.dumps(CreatesFileWhenUnpickled(marker))])
+
+    thread = threading.Thread(target=answer_once)
+    thread.start()
+    try:
+        with pytest.raises(brokest.AuthenticationError):
+            make_client(f"tcp://127.0.0.1:{port}", key=KEY, timeout=10).queue(add, 1, 2)
+    finally:
+        thread.join(timeout=10)
+        rogue.close()
+    assert not marker.exists()
+
+
+def test_worker_refuses_a_public_host_without_a_key():
+    with pytest.raises(ValueError, match="--insecure"):
+        brokest.Worker(host="0.0.0.0")
+    brokest.Worker(host="0.0.0.0", key=KEY)
+    brokest.Worker(host="0.0.0.0", insecure=True)
+
+
+def test_cli_refuses_a_public_host_without_a_key_and_says_what_to_do():
+    result = subprocess.run([sys.executable, str(HERE / "brokest.py"), "--host", "0.0.0.0"],
+                            capture_output=True, text=True, timeout=30,
+                            env={k: v for k, v in os.environ.items() if k != "BROKEST_KEY"})
+    assert result.returncode == 2
+    assert "--key-file" in result.stderr and "--insecure" in result.stderr
+
+
+@pytest.mark.skipif(not (shutil.which("unshare") and shutil.which("ip")),
+                    reason="needs unshare and ip for a private network namespace")
+def test_cli_serves_a_public_host_with_insecure():
+    # in a network namespace of its own, 0.0.0.0 reaches nobody but this test
+    script = (
+        "import subprocess, sys, brokest\n"
+        f"worker = subprocess.Popen([sys.executable, {str(HERE / 'brokest.py')!r}, '--host', "
+        "'0.0.0.0', '--port', '0', '--insecure'], stderr=subprocess.PIPE, text=True)\n"
+        "line = worker.stderr.readline()\n"
+        "port = line.rsplit(':', 1)[1].strip()\n"
+        "print(brokest.Client('tcp://127.0.0.1:' + port, timeout=5).queue(abs, -7))\n"
+        "worker.terminate(); worker.wait(5)\n")
+    result = subprocess.run(
+        ["unshare", "--net", "--map-root-user", "sh", "-c",
+         f'ip link set lo up && exec "{sys.executable}" -c "$0"', script],
+        capture_output=True, text=True, timeout=30, cwd=HERE)
+    if result.returncode and "Operation not permitted" in result.stderr:
+        pytest.skip("this machine does not allow network namespaces")
+    assert result.stdout.strip() == "7", result.stderr
