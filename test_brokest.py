@@ -644,3 +644,12 @@ def test_cli_serves_a_public_host_with_insecure():
     if result.returncode and "Operation not permitted" in result.stderr:
         pytest.skip("this machine does not allow network namespaces")
     assert result.stdout.strip() == "7", result.stderr
+
+
+# --- The demo ---
+
+def test_app_runs_out_of_the_box_and_stops_its_workers():
+    result = subprocess.run([sys.executable, str(HERE / "app.py")], capture_output=True,
+                            text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr
+    assert "primes below 100: 25" in result.stdout and "TypeError" in result.stdout
