@@ -58,7 +58,6 @@ DEFAULT_ADDRESS = "tcp://127.0.0.1:9090"
 # How often a client pings its worker, and how long a silent worker may stay quiet before we
 # call it lost. The worker's libzmq I/O thread answers pings even while a task holds the GIL,
 # so a long task is never mistaken for a dead worker; a frozen one is noticed in about 2 s.
-POLLIN, POLLOUT = int(zmq.POLLIN), int(zmq.POLLOUT)
 HEARTBEAT_INTERVAL_MS = 500
 HEARTBEAT_TIMEOUT_MS = 1500
 # How long a serving worker waits for a request before it checks whether stop() was called.
@@ -68,6 +67,8 @@ WAITING_WARNING_S = 3.0
 # Bytes-like arguments and results this large travel as frames of their own; smaller ones are
 # cheaper to copy into the pickle than to send separately.
 OUT_OF_BAND_MIN_BYTES = 64 * 1024
+# Poll flags as plain ints: arithmetic on pyzmq's flag enums costs microseconds per call.
+POLLIN, POLLOUT = int(zmq.POLLIN), int(zmq.POLLOUT)
 
 
 # --- Errors the caller sees ---
@@ -141,17 +142,12 @@ def unpack_message(key, frames):
         raise AuthenticationError("signature did not verify: do both ends use the same key?")
     try:
         return bytes(request_id), pickle.loads(body, buffers=buffers)
+    except ModuleNotFoundError as error:  # something was pickled by reference to a module
+        raise RemoteError(f"could not unpickle the message: {error!r}; install {error.name} "
+                          f"where it is unpickled, or send it by value: call cloudpickle."
+                          f"register_pickle_by_value({error.name}) before sending") from None
     except (Exception, SystemExit) as error:
-        raise RemoteError(f"could not unpickle the message: {error!r}{missing_module_hint(error)}")
-
-
-def missing_module_hint(error):
-    """Return advice for an unpickling error caused by a missing module, else ""."""
-    if not isinstance(error, ModuleNotFoundError):
-        return ""
-    return (f"; it refers to module {error.name!r}, which is not installed where it was "
-            f"unpickled: install it there, or call cloudpickle.register_pickle_by_value("
-            f"{error.name}) before sending")
+        raise RemoteError(f"could not unpickle the message: {error!r}") from None
 
 
 def receive(socket):
@@ -246,11 +242,9 @@ class Worker:
                  max_message_size=None):
         self.key = as_key(key)
         if self.key is None and not insecure and not is_loopback(host):
-            raise ValueError(
-                f"refusing to listen on {host} without a key: anyone who can reach it could run "
-                "any code as this user. Set a key (--key-file F or BROKEST_KEY; make one with "
-                "python -c \"import secrets; print(secrets.token_hex(32))\"), or pass --insecure "
-                "(insecure=True) to accept the risk")
+            raise ValueError(f"refusing to listen on {host} without a key: anyone reaching it "
+                             "could run any code as this user. Pass --key-file F (key=...), or "
+                             "--insecure (insecure=True) to accept the risk")
         self.host, self.port, self.max_message_size = host, port, max_message_size
         self.address = None
         self._stopping = threading.Event()
@@ -297,7 +291,7 @@ class Worker:
             outcome = unpicklable_outcome(outcome, error)
             reply = pack_message(self.key, request_id, outcome)
         if log.isEnabledFor(logging.INFO):
-            log.info("%s %.1f ms %s", getattr(fn, "__qualname__", repr(fn)),
+            log.info("%s %.1f ms %s", getattr(fn, "__qualname__", type(fn).__qualname__),
                      (time.perf_counter() - started) * 1000, outcome_status(outcome))
         return reply
 
@@ -352,18 +346,6 @@ class Connection:
 
     def round_trip(self, request, timeout):
         """Send a request's frames and return the reply's; raise WorkerLost or TimeoutError."""
-        try:
-            return self._send_and_wait(request, timeout)
-        except (WorkerLost, TimeoutError):
-            # REQ sockets only allow send and receive in strict turns, so after a lost or
-            # abandoned request this one is stuck: close it and open a fresh one (the Guide's
-            # "Lazy Pirate"). A late reply then goes to the closed socket, never to a new call.
-            self.close()
-            self.open()
-            raise
-
-    def _send_and_wait(self, request, timeout):
-        """Send request frames and wait for the reply, a disconnect, or the timeout."""
         while self.disconnects.get(zmq.EVENTS) & POLLIN:
             self.disconnects.recv_multipart()  # from before this request: the worker is back
         try:
@@ -376,10 +358,16 @@ class Connection:
             ready = dict(self.poller.poll(wait_ms))
             if self.socket in ready:
                 return receive(self.socket)
-            if self.disconnects in ready:
-                raise WorkerLost(f"lost the connection to the worker at {self.address} "
-                                 "while the task was in flight")
-            if deadline is not None and time.monotonic() >= deadline:
+            lost = self.disconnects in ready
+            if lost or (deadline is not None and time.monotonic() >= deadline):
+                # REQ sockets only allow send and receive in strict turns, so after a lost or
+                # abandoned request this one is stuck: close it and open a fresh one (the
+                # Guide's "Lazy Pirate"). A late reply goes to the closed socket, never to us.
+                self.close()
+                self.open()
+                if lost:
+                    raise WorkerLost(f"lost the connection to the worker at {self.address} "
+                                     "while the task was in flight")
                 raise TimeoutError(f"no reply from the worker at {self.address} within {timeout} s")
 
 
@@ -514,25 +502,19 @@ def run_worker(log_level, options):
 
 def main(argv=None):
     """Start workers as the command line says; return when they have stopped."""
-    parser = argparse.ArgumentParser(
-        prog="brokest", description="Start brokest workers, which run the Python functions "
-        "that brokest clients send them. Stop with Ctrl-C or SIGTERM.")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
-    parser.add_argument("--port", type=int, default=9090,
-                        help="port of the first worker; 0 picks free ports (default: %(default)s)")
+    parser = argparse.ArgumentParser(prog="brokest", description="Start brokest workers, which "
+                                     "run the functions clients send them, until Ctrl-C or SIGTERM.")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
+    parser.add_argument("--port", type=int, default=9090, help="first port; 0: any free (%(default)s)")
     parser.add_argument("--processes", type=int, default=1, metavar="N",
-                        help="run N worker processes on ports PORT..PORT+N-1 (default: 1)")
-    parser.add_argument("--key-file", metavar="F", help="file holding the shared key "
-                        "(default: the BROKEST_KEY environment variable)")
-    parser.add_argument("--insecure", action="store_true",
-                        help="allow a non-loopback --host without a key")
+                        help="run N worker processes, on ports PORT..PORT+N-1")
+    parser.add_argument("--key-file", metavar="F", help="file with the key (default: $BROKEST_KEY)")
+    parser.add_argument("--insecure", action="store_true", help="allow any --host without a key")
     parser.add_argument("--max-message-size", type=int, metavar="BYTES",
                         help="disconnect peers that send a larger frame")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more")
     parser.add_argument("-q", "--quiet", action="count", default=0, help="log less")
     args = parser.parse_args(argv)
-    if args.processes < 1:
-        parser.error("--processes must be at least 1")
     log_level = logging.INFO + 10 * (args.quiet - args.verbose)
     configure_logging(log_level)
     try:
@@ -541,11 +523,11 @@ def main(argv=None):
             raise ValueError(f"the key file {args.key_file} is empty")
         workers = [dict(host=args.host, port=args.port and args.port + n, key=key,
                         insecure=args.insecure, max_message_size=args.max_message_size)
-                   for n in range(args.processes)]
+                   for n in range(max(1, args.processes))]
         Worker(**workers[0])  # refuses an unsafe configuration before anything starts
     except (OSError, ValueError) as error:
         parser.exit(2, f"brokest: {error}\n")
-    if args.processes == 1:
+    if len(workers) == 1:
         try:
             return Worker(**workers[0]).start()
         except zmq.ZMQError as error:
