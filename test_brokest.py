@@ -19,6 +19,7 @@ import threading
 import time
 from pathlib import Path
 
+import cloudpickle
 import pytest
 import zmq
 
@@ -237,13 +238,14 @@ def test_queue_returns_the_function_result(worker, make_client):
     assert make_client(worker.address).queue(add, 2, b=40) == 42
 
 
-def test_module_level_queue_uses_the_workers_named_in_the_environment(two_workers):
+def test_module_level_queue_uses_the_workers_and_key_named_in_the_environment(start_worker):
+    workers = [start_worker(env={"BROKEST_KEY": KEY}) for _ in range(2)]
     script = "import os, brokest; print(sorted({brokest.queue(os.getpid) for _ in range(6)}))"
-    env = {**os.environ, "BROKEST_ADDRESS": ",".join(w.address for w in two_workers),
-           "BROKEST_TIMEOUT": "10", "PYTHONPATH": str(HERE)}
+    env = {**os.environ, "BROKEST_ADDRESS": ",".join(w.address for w in workers),
+           "BROKEST_KEY": KEY, "BROKEST_TIMEOUT": "10", "PYTHONPATH": str(HERE)}
     output = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                             text=True, timeout=30, check=True).stdout
-    assert output.strip() == str(sorted(w.pid for w in two_workers))
+    assert output.strip() == str(sorted(w.pid for w in workers))
 
 
 def test_importing_brokest_opens_no_socket():
@@ -303,6 +305,24 @@ def test_function_from_a_module_the_worker_lacks_gets_an_error_saying_how_to_fix
     assert client.queue(add, 1, 1) == 2
 
 
+def test_module_registered_to_travel_by_value_needs_no_install_on_the_worker(
+        worker, make_client, tmp_path, monkeypatch):
+    (tmp_path / "sent_by_value.py").write_text("def triple(x):\n    return 3 * x\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import sent_by_value
+    cloudpickle.register_pickle_by_value(sent_by_value)
+    try:
+        assert make_client(worker.address).queue(sent_by_value.triple, 2) == 6
+    finally:
+        cloudpickle.unregister_pickle_by_value(sent_by_value)
+
+
+def test_lambdas_and_closures_travel_by_value(worker, make_client):
+    offset = 10
+    client = make_client(worker.address)
+    assert client.queue(lambda x: x + offset, 1) == 11
+
+
 def test_worker_logs_one_line_per_task_with_name_duration_and_status(worker, make_client):
     client = make_client(worker.address)
     client.queue(add, 1, 2)
@@ -355,6 +375,20 @@ def test_submit_returns_futures_that_work_with_as_completed(worker, make_client)
     futures = [client.submit(add, n, 1) for n in range(5)]
     done = concurrent.futures.as_completed(futures, timeout=20)
     assert sorted(future.result() for future in done) == [1, 2, 3, 4, 5]
+
+
+def test_map_raises_a_task_exception_at_its_place_in_the_results(worker, make_client):
+    results = make_client(worker.address).map(divide, [1, 2, 3], [1, 0, 1])
+    assert next(results) == 1
+    with pytest.raises(ZeroDivisionError):
+        next(results)
+
+
+def test_client_refuses_tasks_after_shutdown(worker):
+    client = brokest.Client(worker.address)
+    client.shutdown()
+    with pytest.raises(RuntimeError):
+        client.submit(add, 1, 2)
 
 
 def test_client_works_with_asyncio_run_in_executor(worker, make_client):
