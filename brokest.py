@@ -15,8 +15,9 @@ socket. Requests and replies have the same frames:
   signature   HMAC-SHA256(key, each later frame's length as 8 bytes big-endian, then its bytes);
               an empty frame when there is no key
   request id  8 random bytes, fresh for every task; the reply echoes them
-  pickle      cloudpickle, protocol 5; large buffers (numpy arrays, big bytes) leave the pickle
-              and travel as [buffer] frames of their own, without being copied
+  pickle      protocol 5: plain pickle where everything can be found by name, cloudpickle
+              (code by value) where not; large buffers (numpy arrays, big bytes) leave the
+              pickle and travel as [buffer] frames of their own, without being copied
   outcome     ("result", value) | ("exception", (exception, traceback text)) | ("error", message)
 
 What can go wrong, and what the caller sees:
