@@ -687,3 +687,34 @@ def test_app_runs_out_of_the_box():
                             text=True, timeout=60, stdin=subprocess.DEVNULL)
     assert result.returncode == 0, result.stderr
     assert "primes below 100: 25" in result.stdout and "TypeError" in result.stdout
+
+
+def test_app_stops_its_workers_on_ctrl_c():
+    app = subprocess.Popen([sys.executable, str(HERE / "app.py")], stdout=subprocess.PIPE,
+                           text=True, stdin=subprocess.DEVNULL)
+    try:
+        first_line = app.stdout.readline()  # its workers answered the first queue()
+        assert first_line.startswith("primes below 100")
+        workers = [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc")))
+                   if parent_of(pid) == app.pid]
+        assert len(workers) == 2
+        app.send_signal(signal.SIGINT)
+        app.wait(timeout=30)
+    finally:
+        app.kill()
+        app.wait()
+    # orphans would live on under another parent: the workers must be gone altogether
+    try:
+        wait_until(lambda: all(parent_of(pid) is None for pid in workers))
+    finally:
+        for pid in filter(parent_of, workers):
+            os.kill(pid, signal.SIGKILL)
+
+
+def parent_of(pid):
+    """Return the parent pid of a running process, or None when it is not running."""
+    try:
+        state, parent = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:2]
+    except OSError:
+        return None
+    return None if state == "Z" else int(parent)
