@@ -273,7 +273,7 @@ class Worker:
         log.info("worker %d on %s stopped", os.getpid(), self.address)
 
     def stop(self):
-        """Make start() return within about STOP_CHECK_MS; callable from any thread."""
+        """Make start() return within about STOP_CHECK_MS; callable from any thread, once."""
         self._stopping.set()
 
     def answer(self, request):
