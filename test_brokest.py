@@ -136,7 +136,7 @@ def free_port():
 class WorkerProcess:
     """A `python brokest.py` process on 127.0.0.1; its addresses are read from its log."""
 
-    def __init__(self, *options, workers=1, env=None, wait=True):
+    def __init__(self, *options, workers=1, env=None):
         self.process = subprocess.Popen(
             [sys.executable, str(HERE / "brokest.py"), *options],
             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
@@ -145,8 +145,7 @@ class WorkerProcess:
         self.addresses = []
         self.changed = threading.Condition()
         threading.Thread(target=self._read_log, daemon=True).start()
-        if wait:
-            self.wait_for_log(r"listening on", count=workers)
+        self.wait_for_log(r"listening on", count=workers)
 
     def _read_log(self):
         for line in self.process.stderr:
@@ -175,6 +174,11 @@ class WorkerProcess:
         return self.process.pid
 
     def stop(self):
+        """Kill the process and the workers it started (--processes), each by its pid."""
+        for line in self.log:
+            for pid in map(int, re.findall(r"worker (\d+) listening", line)):
+                if pid != self.pid and parent_of(pid) == self.pid:
+                    os.kill(pid, signal.SIGKILL)
         if self.process.poll() is None:
             os.kill(self.pid, signal.SIGCONT)
             self.process.kill()
