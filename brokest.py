@@ -252,7 +252,10 @@ class Worker:
 
     def start(self):
         """Bind, then serve requests until stop(), SIGINT or SIGTERM; a running task finishes first."""
-        socket = zmq.Context.instance().socket(zmq.REP)
+        # A context of its own: closing a socket frees its port later, in the background;
+        # terminating its context waits until that is done, so the port is free on return.
+        context = zmq.Context()
+        socket = context.socket(zmq.REP)
         socket.linger = 0
         socket.rcvtimeo = STOP_CHECK_MS
         if self.max_message_size:
@@ -270,6 +273,7 @@ class Worker:
                     socket.send_multipart(self.answer(request), copy=False)
         finally:
             socket.close()
+            context.term()
         log.info("worker %d on %s stopped", os.getpid(), self.address)
 
     def stop(self):
