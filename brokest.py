@@ -261,10 +261,10 @@ class Worker:
         if self.max_message_size:
             socket.maxmsgsize = self.max_message_size
         try:
-            socket.bind(f"tcp://{self.host}:{self.port or '*'}")
-            self.address = socket.last_endpoint.decode()
-            log.info("worker %d listening on %s", os.getpid(), self.address)
-            with stop_on_signals(self.stop):
+            with stop_on_signals(self.stop):  # before we say we listen: a signal may follow
+                socket.bind(f"tcp://{self.host}:{self.port or '*'}")
+                self.address = socket.last_endpoint.decode()
+                log.info("worker %d listening on %s", os.getpid(), self.address)
                 while not self._stopping.is_set():
                     try:
                         request = receive(socket)
@@ -539,10 +539,10 @@ def main(argv=None):
             parser.exit(2, f"brokest: cannot listen on {args.host}:{args.port}: {error}\n")
     processes = [multiprocessing.Process(target=run_worker, args=(log_level, options))
                  for options in workers]
-    for process in processes:
-        process.start()
     stopping = threading.Event()
     with stop_on_signals(stopping.set):
+        for process in processes:
+            process.start()
         while not stopping.wait(0.5) and any(process.is_alive() for process in processes):
             pass
     for process in processes:
