@@ -439,7 +439,7 @@ class Client(Executor):
 
     def _checkout(self):
         """Take an idle connection whose worker is up, waiting while there is none."""
-        started, delay, warned = time.monotonic(), 0.001, False
+        nobody_up_since, delay, warned = None, 0.001, False
         with self._changed:
             while True:
                 if self._closed:
@@ -450,8 +450,10 @@ class Client(Executor):
                         return connection
                 # With every connection idle and none ready, no worker is up: that wait counts
                 # against the timeout. Waiting for a busy worker to finish does not.
-                waited = time.monotonic() - started
-                if len(self._idle) == len(self.addresses):
+                nobody_up = len(self._idle) == len(self.addresses)
+                nobody_up_since = (nobody_up_since or time.monotonic()) if nobody_up else None
+                if nobody_up:
+                    waited = time.monotonic() - nobody_up_since
                     if self.timeout is not None and waited >= self.timeout:
                         raise TimeoutError(f"no worker came up at {', '.join(self.addresses)} "
                                            f"within {self.timeout} s")
