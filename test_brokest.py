@@ -492,11 +492,11 @@ def test_timeout_raises_timeout_error_and_the_client_stays_usable(worker, make_c
 
 
 def test_waiting_for_a_busy_worker_does_not_count_against_the_timeout(worker, make_client):
-    # one worker, timeout 1 s, two 0.7 s tasks at once: one waits 0.7 s, then runs 0.7 s
+    # one worker, timeout 1 s, three threads calling with 0.7 s tasks: the last waits 1.4 s
     client = make_client(worker.address, timeout=1.0)
-    first = client.submit(sleep_then_return, 0.7, "first")
-    assert client.queue(sleep_then_return, 0.7, "second") == "second"
-    assert first.result(timeout=10) == "first"
+    with concurrent.futures.ThreadPoolExecutor(3) as callers:
+        calls = [callers.submit(client.queue, sleep_then_return, 0.7, n) for n in range(3)]
+        assert [call.result(timeout=10) for call in calls] == [0, 1, 2]
 
 
 def test_killed_worker_raises_worker_lost_within_seconds(worker, make_client, tmp_path):
