@@ -450,9 +450,10 @@ class Client(Executor):
                         return connection
                 # With every connection idle and none ready, no worker is up: that wait counts
                 # against the timeout. Waiting for a busy worker to finish does not.
-                nobody_up = len(self._idle) == len(self.addresses)
-                nobody_up_since = (nobody_up_since or time.monotonic()) if nobody_up else None
-                if nobody_up:
+                if len(self._idle) < len(self.addresses):
+                    nobody_up_since = None
+                else:
+                    nobody_up_since = nobody_up_since or time.monotonic()
                     waited = time.monotonic() - nobody_up_since
                     if self.timeout is not None and waited >= self.timeout:
                         raise TimeoutError(f"no worker came up at {', '.join(self.addresses)} "
@@ -522,6 +523,8 @@ def main(argv=None):
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more")
     parser.add_argument("-q", "--quiet", action="count", default=0, help="log less")
     args = parser.parse_args(argv)
+    if args.processes < 1:
+        parser.error("--processes must be at least 1")
     log_level = logging.INFO + 10 * (args.quiet - args.verbose)
     configure_logging(log_level)
     try:
@@ -530,7 +533,7 @@ def main(argv=None):
             raise ValueError(f"the key file {args.key_file} is empty")
         workers = [dict(host=args.host, port=args.port and args.port + n, key=key,
                         insecure=args.insecure, max_message_size=args.max_message_size)
-                   for n in range(max(1, args.processes))]
+                   for n in range(args.processes)]
         Worker(**workers[0])  # refuses an unsafe configuration before anything starts
     except (OSError, ValueError) as error:
         parser.exit(2, f"brokest: {error}\n")
