@@ -8,48 +8,62 @@ The wire protocol is one round trip per task, from a client's REQ socket to a wo
 socket. Requests and replies have the same frames:
 
   Client (REQ)                                          Worker (REP)
+    <-- with a key: CurveZMQ handshake, fresh keys for every connection -->
   queue(fn, *args, **kwargs)
-    [signature][request id][pickle (fn, args, kwargs)][buffer]...  -->  verify, unpickle, run fn
-    <--  [signature][request id][pickle outcome][buffer]...             outcome of running fn
+    [signature][request id][pickle (function, calls, time limit)][buffer]...  -->  verify, unpickle,
+    <--  [signature][request id][pickle [outcome, ...]][buffer]...               run each call
 
   signature   HMAC-SHA256(key, each later frame's length as 8 bytes big-endian, then its bytes);
               an empty frame when there is no key
   request id  8 random bytes, fresh for every task; the reply echoes them
+  function    fn, pickled on its own so that map() pickles it once for all its calls
+  calls       [(args, kwargs), ...]: one call for queue() and submit(), chunksize for map()
+  time limit  the client's timeout: the worker stops a call that runs longer (None: no limit)
   pickle      protocol 5: plain pickle where everything can be found by name, cloudpickle
               (code by value) where not; large buffers (numpy arrays, big bytes) leave the
               pickle and travel as [buffer] frames of their own, without being copied
   outcome     ("result", value) | ("exception", (exception, traceback text)) | ("error", message)
+  CurveZMQ    the worker's CURVE secret key is z85(HMAC-SHA256(key, b"brokest curve server
+              key")); a client knows its public key and brings a fresh keypair of its own
 
 What can go wrong, and what the caller sees:
   fn raises            the same exception, the worker's traceback as its __cause__
   the worker can't     RemoteError saying why: bad signature, malformed message, unpicklable
   run or answer it     result or exception, a module the worker lacks
+  the keys differ      AuthenticationError: the handshake fails, and the request never leaves
   the worker dies      WorkerLost (a ConnectionError), sent again first if retries > 0
-  timeout passes       TimeoutError; the client replaces its socket and stays usable
+  timeout passes       TimeoutError, raised inside the task on the worker, which serves on
 
 A message whose signature does not verify is never unpickled, on either side.
 A dead or frozen worker surfaces as WorkerLost within seconds, even with no timeout.
+With a key the traffic is encrypted, only the key's holders can talk to a worker or pose as
+one, and bytes recorded on the path run nothing when sent again (CurveZMQ's ephemeral keys).
 Shipping pickled code means both ends must trust each other: a worker runs whatever a key
 holder sends it, and a client unpickles whatever its worker answers.
 """
 import argparse
+import collections
 import contextlib
+import faulthandler
 import hashlib
 import hmac
 import ipaddress
 import logging
-import multiprocessing
+import multiprocessing.connection
 import os
 import pickle
 import signal
 import threading
 import time
 import traceback
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
+from socket import create_server
 
 import cloudpickle
 import zmq
+from zmq.utils import z85
+from zmq.utils.monitor import recv_monitor_message
 
 # Named "brokest", not __name__, so that logging is configured the same way whether this
 # file is imported or run as `python brokest.py` (where __name__ is "__main__").
@@ -61,10 +75,27 @@ DEFAULT_ADDRESS = "tcp://127.0.0.1:9090"
 # so a long task is never mistaken for a dead worker; a frozen one is noticed in about 2 s.
 HEARTBEAT_INTERVAL_MS = 500
 HEARTBEAT_TIMEOUT_MS = 1500
-# How long a serving worker waits for a request before it checks whether stop() was called.
-STOP_CHECK_MS = 100
+# How long a blocked client or worker waits before it looks up from its socket: to see
+# whether its worker was lost, its deadline passed, or stop() was called.
+CHECK_INTERVAL_MS = 100
+# How often, at most, a client tries again to reach a worker that is down. A supervised
+# worker's port stays open while it is replaced, so this only delays workers started by hand;
+# a Client of a thousand addresses, most of them down, would spend a core at libzmq's 100 ms.
+RECONNECT_INTERVAL_MAX_MS = 1000
 # How long a call waits for a worker to come up before it says so in the log.
 WAITING_WARNING_S = 3.0
+# How long past its timeout a client still waits for the worker's own TimeoutError, which
+# carries the task's traceback, before it gives up on the reply.
+TIMEOUT_GRACE_S = 0.5
+# How long a task may run past its time limit (it caught the TimeoutError, or it is stuck in
+# C code) before it is ended with its worker process.
+HARD_LIMIT_GRACE_S = 2.0
+# How many handshakes in a row may fail without detail before we call the key wrong. A wrong
+# CURVE key fails every attempt; a worker that dies during a handshake spoils only one.
+HANDSHAKE_ATTEMPTS = 3
+# How long a supervisor waits before replacing a worker that died within a second of its
+# start, doubling each time it happens again, up to the maximum: never a tight restart loop.
+RESTART_DELAY_S, RESTART_DELAY_MAX_S = 0.1, 10.0
 # Bytes-like arguments and results this large travel as frames of their own; smaller ones are
 # cheaper to copy into the pickle than to send separately.
 OUT_OF_BAND_MIN_BYTES = 64 * 1024
@@ -79,7 +110,7 @@ class RemoteError(Exception):
 
 
 class AuthenticationError(RemoteError):
-    """A message's signature did not verify: the two ends do not share the same key."""
+    """The two ends do not share the same key: a handshake or a signature failed."""
 
 
 class WorkerLost(ConnectionError):
@@ -88,9 +119,6 @@ class WorkerLost(ConnectionError):
 
 class RemoteTraceback(Exception):
     """The worker's traceback text, attached to a task's exception as its __cause__."""
-
-    def __str__(self):
-        return self.args[0]
 
 
 # --- Wire protocol ---
@@ -109,27 +137,29 @@ def sign(key, frames):
 
 def pack_message(key, request_id, payload):
     """Return the signed frames of a message carrying payload, its large buffers as frames."""
-    body, buffers = dumps(payload)
+    buffers = []
+    body = dumps(payload, buffers)
     frames = [request_id, body, *(buffer.raw() for buffer in buffers)]
     return [sign(key, frames), *frames]
 
 
-def dumps(payload):
-    """Return the protocol-5 pickle of payload and the buffers it left out of band."""
+def dumps(value, buffers=None):
+    """Return the protocol-5 pickle of value; large buffers go to the list buffers, if given."""
+    callback = None if buffers is None else buffers.append
     # Plain pickle is several times faster than cloudpickle, and writes the same bytes when
-    # everything in payload can be found by name on the other side. When it cannot (a lambda,
+    # everything in value can be found by name on the other side. When it cannot (a lambda,
     # a nested function, anything from __main__, a module registered to go by value), pickle
     # fails or names __main__, and cloudpickle sends that code by value instead.
     if not cloudpickle.list_registry_pickle_by_value():
-        buffers = []
         try:
-            body = pickle.dumps(payload, protocol=5, buffer_callback=buffers.append)
+            body = pickle.dumps(value, protocol=5, buffer_callback=callback)
             if b"__main__" not in body:
-                return body, buffers
+                return body
         except (pickle.PicklingError, TypeError, AttributeError):
             pass
-    buffers = []
-    return cloudpickle.dumps(payload, protocol=5, buffer_callback=buffers.append), buffers
+        if buffers:
+            buffers.clear()
+    return cloudpickle.dumps(value, protocol=5, buffer_callback=callback)
 
 
 def unpack_message(key, frames):
@@ -141,8 +171,13 @@ def unpack_message(key, frames):
     # same time wherever the bytes differ, so timing does not reveal the right signature.
     if not hmac.compare_digest(signature, sign(key, frames[1:])):
         raise AuthenticationError("signature did not verify: do both ends use the same key?")
+    return bytes(request_id), loads(body, buffers)
+
+
+def loads(body, buffers=()):
+    """Return what body unpickles to; raise RemoteError saying why it cannot be unpickled."""
     try:
-        return bytes(request_id), pickle.loads(body, buffers=buffers)
+        return pickle.loads(body, buffers=buffers)
     except ModuleNotFoundError as error:  # something was pickled by reference to a module
         raise RemoteError(f"could not unpickle the message: {error!r}; install {error.name} "
                           f"where it is unpickled, or send it by value: call cloudpickle."
@@ -176,30 +211,55 @@ def out_of_band(value):
     return value
 
 
-def run_task(fn, args, kwargs):
-    """Return the outcome of fn(*args, **kwargs): its result, or its exception and traceback."""
+def call_of(args, kwargs):
+    """Return one call's (args, kwargs) as they travel, large bytes-likes out of band."""
+    return tuple(map(out_of_band, args)), {name: out_of_band(v) for name, v in kwargs.items()}
+
+
+def run_task(fn, call, deadline):
+    """Return the outcome of one call of fn: its result, or its exception and traceback.
+
+    deadline: when (time.monotonic()) to stop the call by raising TimeoutError inside it."""
     try:
-        return "result", out_of_band(fn(*args, **kwargs))
+        args, kwargs = call
+        if deadline is not None:
+            # SIGALRM comes at the deadline, and its handler raises TimeoutError wherever fn
+            # is, so that fn's own clean-up (except, finally, with) runs.
+            signal.setitimer(signal.ITIMER_REAL, max(deadline - time.monotonic(), 1e-6))
+        try:
+            return "result", out_of_band(fn(*args, **kwargs))
+        finally:
+            if deadline is not None:
+                signal.setitimer(signal.ITIMER_REAL, 0)
     except BaseException as exception:  # SystemExit too: a task never ends its worker
         return "exception", (exception, "".join(traceback.format_exception(exception)))
 
 
-def unpicklable_outcome(outcome, error):
-    """Return the error outcome that replaces an outcome which could not be pickled."""
-    kind, value = outcome
-    if kind == "result":
-        return "error", f"the result of type {type(value).__name__} could not be pickled: {error!r}"
-    exception, remote_traceback = value
-    return "error", (f"the task raised {type(exception).__name__}, which could not be pickled "
-                     f"({error!r}); its traceback on the worker:\n{remote_traceback}")
+def raise_time_limit(signum, frame):
+    """Handle SIGALRM, which comes when a task's time limit has passed: stop the task."""
+    raise TimeoutError("the task ran past its time limit")
 
 
-def outcome_status(outcome):
+def picklable(outcome):
+    """Return outcome if it can be pickled, else the error outcome that says why not."""
+    try:
+        dumps(outcome, [])
+        return outcome
+    except Exception as error:
+        kind, value = outcome
+        if kind == "result":
+            return "error", (f"the result of type {type(value).__name__} could not be pickled: "
+                             f"{error!r}")
+        return "error", (f"the task raised {type(value[0]).__name__}, which could not be "
+                         f"pickled ({error!r}); its traceback on the worker:\n{value[1]}")
+
+
+def status_of(outcomes):
     """Return how a task ended, as the worker logs it: "ok" or "error <exception type>"."""
-    kind, value = outcome
-    if kind == "result":
-        return "ok"
-    return f"error {type(value[0]).__name__ if kind == 'exception' else 'RemoteError'}"
+    for kind, value in outcomes:
+        if kind != "result":
+            return f"error {type(value[0]).__name__ if kind == 'exception' else 'RemoteError'}"
+    return "ok"
 
 
 def result_of(outcome):
@@ -219,6 +279,11 @@ def as_key(key):
     return (key.encode() if isinstance(key, str) else key) or None
 
 
+def curve_secret_key(key):
+    """Return the worker's CURVE secret key, derived from the shared key (z85-encoded)."""
+    return z85.encode(hmac.digest(key, b"brokest curve server key", "sha256"))
+
+
 def is_loopback(host):
     """Return whether host is reachable only from this machine."""
     try:
@@ -233,20 +298,25 @@ class Worker:
     """Serves tasks on a REP socket: receives a call, runs it, answers with its outcome.
 
     host, port: where to listen; port 0 picks a free port, shown in `address` once bound.
-    key: the shared secret (str or bytes) every request must be signed with.
+    key: the shared secret (str or bytes): it encrypts the traffic and signs every message.
     insecure: allow a host other than loopback without a key (anyone reaching it can run code).
+    time_limit: the most seconds a task may run here; a client's timeout may make it shorter.
+        Enforced when start() runs in the main thread, where SIGALRM's handler runs.
     max_message_size: the largest frame accepted, in bytes; a peer sending a larger one is
         disconnected by ZeroMQ before the frame is read into memory.
+    fd: a listening TCP socket to serve on instead of binding anew (-1: none); a supervisor
+        keeps the port open this way while it replaces the worker.
     """
 
     def __init__(self, host="127.0.0.1", port=9090, *, key=None, insecure=False,
-                 max_message_size=None):
+                 time_limit=None, max_message_size=None, fd=-1):
         self.key = as_key(key)
         if self.key is None and not insecure and not is_loopback(host):
             raise ValueError(f"refusing to listen on {host} without a key: anyone reaching it "
                              "could run any code as this user. Pass --key-file F (key=...), or "
                              "--insecure (insecure=True) to accept the risk")
-        self.host, self.port, self.max_message_size = host, port, max_message_size
+        self.host, self.port, self.time_limit = host, port, time_limit
+        self.max_message_size, self.fd = max_message_size, fd
         self.address = None
         self._stopping = threading.Event()
 
@@ -257,11 +327,17 @@ class Worker:
         context = zmq.Context()
         socket = context.socket(zmq.REP)
         socket.linger = 0
-        socket.rcvtimeo = STOP_CHECK_MS
+        socket.rcvtimeo = CHECK_INTERVAL_MS
+        socket.use_fd = self.fd
         if self.max_message_size:
             socket.maxmsgsize = self.max_message_size
+        if self.key:
+            socket.curve_server = True
+            socket.curve_secretkey = curve_secret_key(self.key)
+        handlers = {signal.SIGINT: self.stop, signal.SIGTERM: self.stop,
+                    signal.SIGALRM: raise_time_limit}
         try:
-            with stop_on_signals(self.stop):  # before we say we listen: a signal may follow
+            with signal_handlers(handlers):  # before we say we listen: a signal may follow
                 socket.bind(f"tcp://{self.host}:{self.port or '*'}")
                 self.address = socket.last_endpoint.decode()
                 log.info("worker %d listening on %s", os.getpid(), self.address)
@@ -270,45 +346,56 @@ class Worker:
                         request = receive(socket)
                     except zmq.Again:
                         continue
-                    socket.send_multipart(self.answer(request), copy=False)
+                    reply, log_line = self.answer(request)
+                    socket.send_multipart(reply, copy=False)
+                    if log_line and log.isEnabledFor(logging.INFO):
+                        log.info(*log_line)  # after the reply: the caller need not wait for it
         finally:
             socket.close()
             context.term()
         log.info("worker %d on %s stopped", os.getpid(), self.address)
 
-    def stop(self):
-        """Make start() return within about STOP_CHECK_MS; callable from any thread, once."""
+    def stop(self, *signal_args):
+        """Make start() return within about CHECK_INTERVAL_MS; callable from any thread, once."""
         self._stopping.set()
 
     def answer(self, request):
-        """Return the reply to one request's frames; a bad request gets an error reply."""
+        """Return the reply to one request's frames, and its log line; a bad request gets an error."""
         started = time.perf_counter()
         request_id = bytes(request[1]) if len(request) > 1 else b""
         try:
-            request_id, (fn, args, kwargs) = unpack_message(self.key, request)
+            request_id, (function, calls, time_limit) = unpack_message(self.key, request)
+            fn, calls = loads(function), list(calls)
+            limits = [float(limit) for limit in (time_limit, self.time_limit) if limit is not None]
         except Exception as error:
             log.warning("rejected a request: %s", error)
-            return pack_message(self.key, request_id, ("error", f"request rejected: {error}"))
-        outcome = run_task(fn, args, kwargs)
+            return pack_message(self.key, request_id, ("error", f"request rejected: {error}")), None
+        deadline = None  # SIGALRM's handler runs in the main thread: only there can we stop a task
+        if limits and threading.current_thread() is threading.main_thread():
+            deadline = time.monotonic() + min(limits)
+            # A task that catches its TimeoutError, or is stuck in C code holding the GIL, is
+            # ended with this process: faulthandler's watchdog is a C thread that needs no GIL,
+            # and it first prints where the task was stuck. The supervisor starts another.
+            faulthandler.dump_traceback_later(min(limits) + HARD_LIMIT_GRACE_S, exit=True)
+        outcomes = [run_task(fn, call, deadline) for call in calls]
+        faulthandler.cancel_dump_traceback_later()
         try:
-            reply = pack_message(self.key, request_id, outcome)
-        except Exception as error:
-            outcome = unpicklable_outcome(outcome, error)
-            reply = pack_message(self.key, request_id, outcome)
-        if log.isEnabledFor(logging.INFO):
-            log.info("%s %.1f ms %s", getattr(fn, "__qualname__", type(fn).__qualname__),
-                     (time.perf_counter() - started) * 1000, outcome_status(outcome))
-        return reply
+            reply = pack_message(self.key, request_id, outcomes)
+        except Exception:
+            outcomes = [picklable(outcome) for outcome in outcomes]
+            reply = pack_message(self.key, request_id, outcomes)
+        name = getattr(fn, "__qualname__", type(fn).__qualname__)
+        return reply, ("%s %.1f ms %s", name, (time.perf_counter() - started) * 1000,
+                       status_of(outcomes))
 
 
 @contextlib.contextmanager
-def stop_on_signals(stop):
-    """Within the block, SIGINT and SIGTERM call stop(); only the main thread can set handlers."""
+def signal_handlers(handlers):
+    """Within the block, signals call their handlers (only the main thread can set handlers)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    signals = (signal.SIGINT, signal.SIGTERM)
-    previous = {signum: signal.signal(signum, lambda *_: stop()) for signum in signals}
+    previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
     try:
         yield
     finally:
@@ -321,108 +408,151 @@ def stop_on_signals(stop):
 class Connection:
     """One REQ socket to one worker: used by one thread at a time, renewed after a failure."""
 
-    def __init__(self, address):
-        self.address = address
+    def __init__(self, context, address, key):
+        self.context, self.address, self.key = context, address, key
         self.open()
 
     def open(self):
-        """Open a fresh REQ socket to the worker, with heartbeats and a disconnect monitor."""
-        self.socket = zmq.Context.instance().socket(zmq.REQ)
+        """Open a fresh REQ socket to the worker, with heartbeats and a monitor."""
+        self.socket = self.context.socket(zmq.REQ)
         self.socket.linger = 0     # closing drops an unsent request at once, never blocks
-        self.socket.immediate = 1  # a request waits for a live connection instead of a queue
+        self.socket.immediate = 1  # a request waits for a live connection, its handshake done
         self.socket.heartbeat_ivl = HEARTBEAT_INTERVAL_MS
         self.socket.heartbeat_timeout = HEARTBEAT_TIMEOUT_MS
-        # A REQ socket never says that its worker went away; its monitor does.
-        self.disconnects = self.socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
-        self.poller = zmq.Poller()
-        self.poller.register(self.socket, zmq.POLLIN)
-        self.poller.register(self.disconnects, zmq.POLLIN)
+        self.socket.reconnect_ivl_max = RECONNECT_INTERVAL_MAX_MS
+        if self.key:
+            # Whoever answers must prove that it holds the worker's secret key. Our keypair is
+            # new for every socket, so nothing recorded from another connection replays.
+            self.socket.curve_serverkey = zmq.curve_public(curve_secret_key(self.key))
+            self.socket.curve_publickey, self.socket.curve_secretkey = zmq.curve_keypair()
+        # A REQ socket never says that its worker went away, or refused us; its monitor does.
+        self.monitor = self.socket.get_monitor_socket(
+            zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+        self.lost, self.failed_handshakes = False, 0
         self.socket.connect(self.address)
 
     def close(self):
         """Close the socket and its monitor."""
         self.socket.disable_monitor()
-        self.disconnects.close()
+        self.monitor.close()
         self.socket.close()
 
     def is_ready(self):
         """Return whether a worker is connected, so that a request can be sent at once."""
         return bool(self.socket.get(zmq.EVENTS) & POLLOUT)
 
-    def round_trip(self, request, timeout):
-        """Send a request's frames and return the reply's; raise WorkerLost or TimeoutError."""
-        while self.disconnects.get(zmq.EVENTS) & POLLIN:
-            self.disconnects.recv_multipart()  # from before this request: the worker is back
+    def read_events(self):
+        """Take in what the monitor reported: a lost connection, or how a handshake went."""
+        while self.monitor.get(zmq.EVENTS) & POLLIN:
+            event = recv_monitor_message(self.monitor)["event"]
+            if event == zmq.EVENT_DISCONNECTED:
+                self.lost = True
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self.failed_handshakes = 0
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:  # a wrong key, or a worker
+                self.failed_handshakes += 1                     # dying mid-handshake
+            else:  # one end has a key and the other not: libzmq will not try again
+                self.failed_handshakes = HANDSHAKE_ATTEMPTS
+
+    def raise_if_refused(self):
+        """Raise AuthenticationError if the worker keeps failing our handshakes."""
+        self.read_events()
+        if self.failed_handshakes >= HANDSHAKE_ATTEMPTS:
+            raise AuthenticationError(f"the handshake with the worker at {self.address} "
+                                      "failed: do both ends use the same key?")
+
+    def send(self, request, timeout):
+        """Send a request's frames, to be answered within timeout seconds (None: no limit)."""
+        self.read_events()
+        self.lost = False  # a disconnect from before this request: the worker is back since
         try:
             self.socket.send_multipart(request, copy=False, flags=zmq.NOBLOCK)
         except zmq.Again:
-            raise WorkerLost(f"the worker at {self.address} went away before the task was sent")
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            wait_ms = None if deadline is None else max(0.0, deadline - time.monotonic()) * 1000
-            ready = dict(self.poller.poll(wait_ms))
-            if self.socket in ready:
-                return receive(self.socket)
-            lost = self.disconnects in ready
-            if lost or (deadline is not None and time.monotonic() >= deadline):
-                # REQ sockets only allow send and receive in strict turns, so after a lost or
-                # abandoned request this one is stuck: close it and open a fresh one (the
-                # Guide's "Lazy Pirate"). A late reply goes to the closed socket, never to us.
-                self.close()
-                self.open()
-                if lost:
-                    raise WorkerLost(f"lost the connection to the worker at {self.address} "
-                                     "while the task was in flight")
-                raise TimeoutError(f"no reply from the worker at {self.address} within {timeout} s")
+            self.lost = True  # the worker went away since it was found ready
+        self.timeout = timeout
+        self.deadline = None if timeout is None else time.monotonic() + timeout + TIMEOUT_GRACE_S
+
+    def raise_if_lost_or_late(self):
+        """Raise WorkerLost or TimeoutError if the request in flight can no longer be answered."""
+        self.read_events()
+        lost, late = self.lost, self.deadline is not None and time.monotonic() >= self.deadline
+        if not (lost or late):
+            return
+        # REQ sockets only allow send and receive in strict turns, so after a lost or
+        # abandoned request this one is stuck: close it and open a fresh one (the Guide's
+        # "Lazy Pirate"). A late reply goes to the closed socket, never to us.
+        self.close()
+        self.open()
+        if lost:
+            raise WorkerLost(f"lost the connection to the worker at {self.address} "
+                             "while the task was in flight")
+        raise TimeoutError(f"no reply from the worker at {self.address} within {self.timeout} s")
+
+
+class Chunk(Future):
+    """Calls of one function that travel and run together as one request: a future whose
+    result is their outcomes, or whose exception is what ended the request."""
+
+    def __init__(self, request_id, request):
+        super().__init__()
+        self.request_id, self.request, self.attempts = request_id, request, 0
+
+    def start(self):
+        """Mark the chunk running; return False if it was cancelled (its map was abandoned)."""
+        return self.running() or self.set_running_or_notify_cancel()
 
 
 class Client(Executor):
     """Runs tasks on workers, each worker at most one task at a time; safe to share among threads.
 
-    addresses: one address, a list, or a comma-separated string ("tcp://host:port").
+    addresses: one address, a list, or a comma-separated string ("tcp://host:port"); a port
+        range ("tcp://host:9090-9093") names a worker on each port.
     timeout: seconds a task may take on a worker (from sending it to its reply); None = no limit.
-    key: the shared secret (str or bytes) messages are signed with; None = unsigned.
+        The worker stops a task that runs longer, by raising TimeoutError inside it.
+    key: the shared secret (str or bytes): it encrypts the traffic, proves the worker holds it
+        too, and signs every message; None = plain TCP, unsigned.
     retries: how often a task is sent again after WorkerLost; a task that raised is never resent.
     """
 
     def __init__(self, addresses=DEFAULT_ADDRESS, *, timeout=None, key=None, retries=0):
         if isinstance(addresses, str):
             addresses = addresses.split(",")
-        self.addresses = [address.strip() for address in addresses if address.strip()]
+        self.addresses = [port for address in addresses for port in expand_ports(address)]
         if not self.addresses:
             raise ValueError("a Client needs at least one worker address")
         self.timeout, self.key, self.retries = timeout, as_key(key), retries
-        self._idle = [Connection(address) for address in self.addresses]
+        self._context = zmq.Context()
+        # libzmq allows 1,023 sockets per context unless told; a connection takes three.
+        self._context.max_sockets = self._context.get(zmq.SOCKET_LIMIT)
+        self._idle = collections.deque(Connection(self._context, address, self.key)
+                                       for address in self.addresses)
         self._changed = threading.Condition()
         self._closed = False
-        # submit() runs queue() on these threads: one per worker keeps every worker busy.
+        # submit() runs queue() on these threads, and each map() runs all its chunks on one.
         self._threads = ThreadPoolExecutor(len(self.addresses), thread_name_prefix="brokest")
 
     def queue(self, fn, /, *args, **kwargs):
         """Run fn(*args, **kwargs) on an idle worker and return its result, or raise its exception."""
-        request_id = os.urandom(8)
-        call = (fn, tuple(map(out_of_band, args)), {k: out_of_band(v) for k, v in kwargs.items()})
-        request = pack_message(self.key, request_id, call)
-        for attempt in range(self.retries + 1):
-            connection = self._checkout()
-            try:
-                reply = connection.round_trip(request, self.timeout)
-                break
-            except WorkerLost as lost:
-                if attempt == self.retries:
-                    raise
-                log.warning("%s; sending the task again (retry %d of %d)", lost, attempt + 1,
-                            self.retries)
-            finally:
-                self._checkin(connection)
-        reply_id, outcome = unpack_message(self.key, reply)
-        if reply_id != request_id:
-            raise RemoteError("the reply answers a different request")
+        [chunk] = self._chunks(dumps(fn), [call_of(args, kwargs)], 1)
+        self._run([chunk])  # in this thread: a call costs no thread switch
+        [outcome] = chunk.result()
         return result_of(outcome)
 
     def submit(self, fn, /, *args, **kwargs):
         """Schedule fn(*args, **kwargs) on a worker; return a concurrent.futures.Future."""
         return self._threads.submit(self.queue, fn, *args, **kwargs)
+
+    def map(self, fn, *iterables, timeout=None, chunksize=1):
+        """Return an iterator of fn(*args) for args in zip(*iterables), run on all workers at once.
+
+        timeout: seconds from this call for all results; chunksize: how many calls travel and
+        run as one task. A call that raised raises at its own place in the results."""
+        if chunksize < 1:
+            raise ValueError(f"chunksize must be at least 1, not {chunksize}")
+        chunks = self._chunks(dumps(fn), [call_of(args, {}) for args in zip(*iterables)], chunksize)
+        self._threads.submit(self._run, chunks)
+        return results_in_order(chunks, timeout)
 
     def shutdown(self, wait=True, *, cancel_futures=False):
         """Stop taking tasks; close the sockets once the tasks already submitted are done."""
@@ -432,22 +562,90 @@ class Client(Executor):
             return
         with self._changed:
             self._closed = True
-            for connection in self._idle:
-                connection.close()
-            self._idle.clear()
+            while self._idle:
+                self._idle.pop().close()
             self._changed.notify_all()
 
-    def _checkout(self):
-        """Take an idle connection whose worker is up, waiting while there is none."""
-        nobody_up_since, delay, warned = None, 0.001, False
+    def _chunks(self, function, calls, chunksize):
+        """Return the requests that run calls of the pickled function, chunksize calls each."""
+        chunks = []
+        for start in range(0, len(calls), chunksize):
+            request_id = os.urandom(8)
+            payload = (function, calls[start:start + chunksize], self.timeout)
+            chunks.append(Chunk(request_id, pack_message(self.key, request_id, payload)))
+        return chunks
+
+    def _run(self, chunks):
+        """Run chunks, each on an idle worker, as many at once as there are; settle each one.
+
+        One thread drives them all: it sends a chunk to every idle worker that is up, waits
+        for any of them to answer, and gives the next chunk to whichever worker answered."""
+        chunks, in_flight = collections.deque(chunks), {}  # connection -> chunk
+        while chunks or in_flight:
+            try:
+                for connection in self._checkout(len(chunks), wait=not in_flight):
+                    chunk = chunks.popleft()
+                    if chunk.start():
+                        chunk.attempts += 1
+                        connection.send(chunk.request, self.timeout)
+                        in_flight[connection] = chunk
+                    else:
+                        self._checkin(connection)
+            except (TimeoutError, RemoteError, RuntimeError) as error:  # no worker will come
+                while chunks:
+                    self._settle(chunks.popleft(), error, chunks)
+            answered, _, _ = zmq.select([c.socket for c in in_flight], [], [], CHECK_INTERVAL_MS / 1000)
+            for connection, chunk in list(in_flight.items()):
+                try:
+                    if connection.socket not in answered:
+                        connection.raise_if_lost_or_late()
+                        continue
+                    outcome = self._outcomes(chunk, receive(connection.socket))
+                except (WorkerLost, TimeoutError, RemoteError) as error:
+                    outcome = error
+                del in_flight[connection]
+                self._checkin(connection)
+                self._settle(chunk, outcome, chunks)
+
+    def _outcomes(self, chunk, reply):
+        """Return the outcome of each of a chunk's calls, from its reply's frames."""
+        reply_id, outcomes = unpack_message(self.key, reply)
+        if reply_id != chunk.request_id:
+            raise RemoteError("the reply answers a different request")
+        if not isinstance(outcomes, list):  # the worker could not read the request
+            raise RemoteError(outcomes[1])
+        return outcomes
+
+    def _settle(self, chunk, outcome, chunks):
+        """Give a chunk its outcomes, or its error; after WorkerLost, maybe queue it again."""
+        if isinstance(outcome, WorkerLost) and chunk.attempts <= self.retries:
+            log.warning("%s; sending the task again (retry %d of %d)", outcome, chunk.attempts,
+                        self.retries)
+            chunks.appendleft(chunk)
+        elif not chunk.start():
+            return  # cancelled before it was sent
+        elif isinstance(outcome, BaseException):
+            chunk.set_exception(outcome)
+        else:
+            chunk.set_result(outcome)
+
+    def _checkout(self, count, wait):
+        """Take up to count idle connections whose workers are up; if wait, at least one."""
+        connections, nobody_up_since, delay, warned = [], None, 0.001, False
         with self._changed:
             while True:
+                for _ in range(len(self._idle)):
+                    if len(connections) == count:
+                        break
+                    connection = self._idle.popleft()
+                    if connection.is_ready():
+                        connections.append(connection)
+                    else:
+                        self._idle.append(connection)  # down: look at the others first next time
+                if connections or not wait or not count:
+                    return connections
                 if self._closed:
                     raise RuntimeError("cannot run a task on a Client that was shut down")
-                for connection in self._idle:
-                    if connection.is_ready():
-                        self._idle.remove(connection)
-                        return connection
                 # With every connection idle and none ready, no worker is up: that wait counts
                 # against the timeout. Waiting for a busy worker to finish does not.
                 if len(self._idle) < len(self.addresses):
@@ -455,6 +653,8 @@ class Client(Executor):
                 else:
                     nobody_up_since = nobody_up_since or time.monotonic()
                     waited = time.monotonic() - nobody_up_since
+                    for connection in self._idle:
+                        connection.raise_if_refused()
                     if self.timeout is not None and waited >= self.timeout:
                         raise TimeoutError(f"no worker came up at {', '.join(self.addresses)} "
                                            f"within {self.timeout} s")
@@ -473,6 +673,31 @@ class Client(Executor):
             else:
                 self._idle.append(connection)
                 self._changed.notify()
+
+
+def results_in_order(futures, timeout):
+    """Yield the result of each call of each chunk in turn, raising a call's exception at its
+    place; all within timeout seconds. Cancel the chunks not yet run if the caller stops."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    try:
+        for future in futures:
+            for outcome in future.result(None if deadline is None else deadline - time.monotonic()):
+                yield result_of(outcome)
+    finally:
+        for future in futures:
+            future.cancel()
+
+
+def expand_ports(address):
+    """Return the addresses that address names: none, one, or one per port of a range like
+    tcp://host:9090-9093."""
+    prefix, _, ports = address.strip().rpartition(":")
+    if "-" not in ports:
+        return [address.strip()] if address.strip() else []
+    first, _, last = ports.partition("-")
+    if not (first.isdigit() and last.isdigit() and int(first) <= int(last)):
+        raise ValueError(f"bad port range in {address!r}: write first-last, as in 9090-9093")
+    return [f"{prefix}:{port}" for port in range(int(first), int(last) + 1)]
 
 
 _default_client = None
@@ -495,17 +720,99 @@ def queue(fn, /, *args, **kwargs):
     return _default_client.queue(fn, *args, **kwargs)
 
 
-# --- Command line ---
+# --- Command line: a supervisor and its worker processes ---
+
+class Supervisor:
+    """Keeps a worker process serving on each listening socket until SIGINT or SIGTERM.
+
+    The supervisor holds the listening sockets and each worker process serves on one, so a
+    port stays open while its worker is replaced: clients reconnect at once, and wait."""
+
+    def __init__(self, listeners, options):
+        self.listeners, self.options = listeners, options
+        self.workers = {}  # sentinel -> (listener, process, when it began to serve, its delay)
+        self.stopping = threading.Event()
+
+    def run(self):
+        """Start a worker on every listener, replace those that die, stop them all at the end."""
+        with signal_handlers({signal.SIGINT: self.stop, signal.SIGTERM: self.stop}):
+            for listener in self.listeners:
+                self.spawn_worker(listener, delay=0)
+            while not self.stopping.is_set():
+                self.replace_dead_workers()
+        self.stop_workers()
+
+    def stop(self, *signal_args):
+        """Make run() stop the workers and return."""
+        self.stopping.set()
+
+    def spawn_worker(self, listener, delay):
+        """Start a worker process that serves on listener once delay seconds have passed."""
+        options = {**self.options, "port": listener.getsockname()[1], "fd": listener.fileno()}
+        # Forked, so that the child inherits the listening socket.
+        process = multiprocessing.get_context("fork").Process(target=run_worker,
+                                                              args=(options, delay))
+        process.start()
+        self.workers[process.sentinel] = listener, process, time.monotonic() + delay, delay
+
+    def replace_dead_workers(self):
+        """Wait up to CHECK_INTERVAL_MS for workers to exit; log why, and start their successors."""
+        for sentinel in multiprocessing.connection.wait(self.workers, CHECK_INTERVAL_MS / 1000):
+            listener, process, serving_since, delay = self.workers.pop(sentinel)
+            process.join()
+            if time.monotonic() - serving_since < 1:  # it died young: wait longer each time
+                delay = min(max(2 * delay, RESTART_DELAY_S), RESTART_DELAY_MAX_S)
+            else:
+                delay = 0
+            code = process.exitcode
+            how = (f"was killed by {signal.Signals(-code).name}" if code < 0
+                   else f"exited with status {code}")
+            log.warning("worker %d on port %d %s; starting another in %.1f s", process.pid,
+                        listener.getsockname()[1], how, delay)
+            self.spawn_worker(listener, delay)
+
+    def stop_workers(self):
+        """Stop every worker: each finishes its task, closes its socket and exits."""
+        for _, process, _, _ in self.workers.values():
+            process.terminate()  # SIGTERM
+        for _, process, _, _ in self.workers.values():
+            process.join()
+
+
+def run_worker(options, delay):
+    """Serve as a supervised worker process until stopped, or orphaned by the supervisor."""
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)  # until the Worker handles them: stop at once
+    time.sleep(delay)
+    faulthandler.enable()  # a task that crashes the process leaves its traceback in the log
+    worker = Worker(**options)
+    threading.Thread(target=stop_when_orphaned, args=(worker, os.getppid()), daemon=True).start()
+    worker.start()
+
+
+def stop_when_orphaned(worker, supervisor):
+    """Stop worker once its supervisor is gone: killed, it could neither stop nor replace us."""
+    while os.getppid() == supervisor:
+        time.sleep(1)
+    worker.stop()
+
+
+def listen(host, port):
+    """Return a listening TCP socket on host:port; raise OSError naming it if it is taken."""
+    try:
+        listener = create_server((host, port))
+    except OSError as error:
+        raise OSError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    listener.setblocking(False)  # libzmq accepts on it without blocking
+    return listener
+
 
 def configure_logging(level):
     """Log to stderr at level, one line per event, naming the process."""
     logging.basicConfig(level=level, format="%(asctime)s brokest[%(process)d] %(message)s")
-
-
-def run_worker(log_level, options):
-    """Run one Worker in this process (the target of each --processes child)."""
-    configure_logging(log_level)
-    Worker(**options).start()
+    # Skip what our lines never show: the logging HOWTO's "Optimization" section.
+    logging.logThreads = logging.logMultiprocessing = False
+    logging._srcfile = None
 
 
 def main(argv=None):
@@ -516,6 +823,8 @@ def main(argv=None):
     parser.add_argument("--port", type=int, default=9090, help="first port; 0: any free (%(default)s)")
     parser.add_argument("--processes", type=int, default=1, metavar="N",
                         help="run N worker processes, on ports PORT..PORT+N-1")
+    parser.add_argument("--time-limit", type=float, metavar="S",
+                        help="stop any task that runs longer than S seconds")
     parser.add_argument("--key-file", metavar="F", help="file with the key (default: $BROKEST_KEY)")
     parser.add_argument("--insecure", action="store_true", help="allow any --host without a key")
     parser.add_argument("--max-message-size", type=int, metavar="BYTES",
@@ -525,35 +834,18 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.processes < 1:
         parser.error("--processes must be at least 1")
-    log_level = logging.INFO + 10 * (args.quiet - args.verbose)
-    configure_logging(log_level)
+    configure_logging(logging.INFO + 10 * (args.quiet - args.verbose))
     try:
         key = Path(args.key_file).read_bytes().strip() if args.key_file else os.environ.get("BROKEST_KEY")
         if args.key_file and not key:
             raise ValueError(f"the key file {args.key_file} is empty")
-        workers = [dict(host=args.host, port=args.port and args.port + n, key=key,
-                        insecure=args.insecure, max_message_size=args.max_message_size)
-                   for n in range(args.processes)]
-        Worker(**workers[0])  # refuses an unsafe configuration before anything starts
+        options = dict(host=args.host, key=key, insecure=args.insecure,
+                       time_limit=args.time_limit, max_message_size=args.max_message_size)
+        Worker(**options)  # refuses an unsafe configuration before anything starts
+        listeners = [listen(args.host, args.port and args.port + n) for n in range(args.processes)]
     except (OSError, ValueError) as error:
         parser.exit(2, f"brokest: {error}\n")
-    if len(workers) == 1:
-        try:
-            return Worker(**workers[0]).start()
-        except zmq.ZMQError as error:
-            parser.exit(2, f"brokest: cannot listen on {args.host}:{args.port}: {error}\n")
-    processes = [multiprocessing.Process(target=run_worker, args=(log_level, options))
-                 for options in workers]
-    stopping = threading.Event()
-    with stop_on_signals(stopping.set):
-        for process in processes:
-            process.start()
-        while not stopping.wait(0.5) and any(process.is_alive() for process in processes):
-            pass
-    for process in processes:
-        process.terminate()  # SIGTERM: each worker finishes its task and closes its socket
-    for process in processes:
-        process.join()
+    Supervisor(listeners, options).run()
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ The task functions below are pickled by reference, and the workers import them f
 """
 import asyncio
 import concurrent.futures
+import hmac
+import itertools
 import logging
 import os
 import pickle
@@ -22,6 +24,7 @@ from pathlib import Path
 import cloudpickle
 import pytest
 import zmq
+from zmq.utils import z85
 
 import brokest
 
@@ -134,7 +137,7 @@ def free_port():
 
 
 class WorkerProcess:
-    """A `python brokest.py` process on 127.0.0.1; its addresses are read from its log."""
+    """A `python brokest.py` supervisor on 127.0.0.1 and its workers, known from its log."""
 
     def __init__(self, *options, workers=1, env=None):
         self.process = subprocess.Popen(
@@ -142,7 +145,7 @@ class WorkerProcess:
             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
             env={**os.environ, **(env or {})})
         self.log = []
-        self.addresses = []
+        self.listening = []  # (worker pid, address), in the order the workers said so
         self.changed = threading.Condition()
         threading.Thread(target=self._read_log, daemon=True).start()
         self.wait_for_log(r"listening on", count=workers)
@@ -151,7 +154,8 @@ class WorkerProcess:
         for line in self.process.stderr:
             with self.changed:
                 self.log.append(line)
-                self.addresses += re.findall(r"listening on (tcp://\S+)", line)
+                self.listening += [(int(pid), address) for pid, address in
+                                   re.findall(r"worker (\d+) listening on (tcp://\S+)", line)]
                 self.changed.notify_all()
 
     def wait_for_log(self, pattern, count=1, timeout=10.0):
@@ -166,21 +170,36 @@ class WorkerProcess:
         return lines
 
     @property
+    def addresses(self):
+        return list(dict.fromkeys(address for _, address in self.listening))
+
+    @property
     def address(self):
         return self.addresses[0]
 
+    def pid_on(self, address):
+        """Return the pid of the worker that last said it listens on address."""
+        with self.changed:
+            return [pid for pid, listening_on in self.listening if listening_on == address][-1]
+
     @property
     def pid(self):
-        return self.process.pid
+        """The pid of the (first) worker process, which runs the tasks."""
+        return self.pid_on(self.address)
+
+    def wait_for_new_worker(self, address, old_pid, timeout=10.0):
+        """Return the pid of the worker that replaced old_pid on address."""
+        with self.changed:
+            assert self.changed.wait_for(lambda: self.pid_on(address) != old_pid, timeout), \
+                f"no new worker on {address} in {timeout} s: {self.log}"
+        return self.pid_on(address)
 
     def stop(self):
-        """Kill the process and the workers it started (--processes), each by its pid."""
-        for line in self.log:
-            for pid in map(int, re.findall(r"worker (\d+) listening", line)):
-                if pid != self.pid and parent_of(pid) == self.pid:
-                    os.kill(pid, signal.SIGKILL)
+        """Kill the supervisor and every worker it started, each by its pid."""
+        for pid, _ in self.listening:
+            if parent_of(pid) == self.process.pid:
+                os.kill(pid, signal.SIGKILL)
         if self.process.poll() is None:
-            os.kill(self.pid, signal.SIGCONT)
             self.process.kill()
         self.process.wait(10)
 
@@ -225,10 +244,25 @@ def make_client():
         client.shutdown(cancel_futures=True)
 
 
-def raw_request(address, frames, timeout_ms=5000):
+def curve_client(sock, key):
+    """Make sock a CurveZMQ client of a worker whose key is key, as any conforming peer would."""
+    server_secret = z85.encode(hmac.digest(key.encode(), b"brokest curve server key", "sha256"))
+    sock.curve_serverkey = zmq.curve_public(server_secret)
+    sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
+
+
+def curve_server(sock, key):
+    """Make sock a CurveZMQ server holding the secret key that key derives, as a worker does."""
+    sock.curve_server = True
+    sock.curve_secretkey = z85.encode(hmac.digest(key.encode(), b"brokest curve server key", "sha256"))
+
+
+def raw_request(address, frames, timeout_ms=5000, key=None):
     """Send frames on a fresh REQ socket and return the reply's frames, or None if none came."""
     with zmq.Context.instance().socket(zmq.REQ) as sock:
         sock.linger = 0
+        if key:
+            curve_client(sock, key)
         sock.connect(address)
         sock.send_multipart(frames)
         if not sock.poll(timeout_ms):
@@ -503,7 +537,7 @@ def test_killed_worker_raises_worker_lost_within_seconds(worker, make_client, tm
     client = make_client(worker.address)  # no timeout
     task = client.submit(touch_then_sleep, tmp_path / "started", 60)
     wait_until((tmp_path / "started").exists)
-    worker.process.kill()
+    os.kill(worker.pid, signal.SIGKILL)
     with pytest.raises(brokest.WorkerLost):
         task.result(timeout=5)
 
@@ -552,9 +586,11 @@ def test_worker_restarted_on_the_same_port_is_used_again(start_worker, make_clie
 
 def test_retries_send_a_lost_task_to_another_worker(two_workers, make_client, tmp_path):
     client = make_client([w.address for w in two_workers], retries=1)
+    pids = {w.pid: w for w in two_workers}
     survivor = client.queue(die_the_first_time, tmp_path / "died")
-    assert survivor in {w.pid for w in two_workers}
-    assert [w.process.poll() for w in two_workers].count(None) == 1
+    assert survivor in pids
+    [died] = [w for pid, w in pids.items() if pid != survivor]
+    assert died.wait_for_log("was killed by SIGKILL")
 
 
 def test_task_that_raised_is_never_retried(two_workers, make_client, tmp_path):
@@ -598,7 +634,8 @@ def test_request_with_a_bad_signature_is_never_unpickled(start_worker, make_clie
                                                          signature):
     worker = start_worker(env={"BROKEST_KEY": KEY})
     marker = tmp_path / "unpickled"
-    reply = raw_request(worker.address, [signature, b"id", pickle.dumps(CreatesFileWhenUnpickled(marker))])
+    reply = raw_request(worker.address, [signature, b"id", pickle.dumps(CreatesFileWhenUnpickled(marker))],
+                        key=KEY)
     _, (kind, message) = brokest.unpack_message(KEY.encode(), reply)
     assert kind == "error" and "signature did not verify" in message
     assert not marker.exists()
@@ -609,22 +646,32 @@ def test_request_signed_with_another_key_is_never_unpickled(start_worker, tmp_pa
     worker = start_worker(env={"BROKEST_KEY": KEY})
     marker = tmp_path / "unpickled"
     forged = brokest.pack_message(b"another key", b"id", CreatesFileWhenUnpickled(marker))
-    raw_request(worker.address, forged)
+    _, (kind, message) = brokest.unpack_message(KEY.encode(), raw_request(worker.address, forged, key=KEY))
+    assert kind == "error" and "signature did not verify" in message
     assert not marker.exists()
 
 
-def test_client_with_the_wrong_key_gets_a_clear_error_quickly(start_worker, make_client):
-    worker = start_worker(env={"BROKEST_KEY": KEY})
+@pytest.mark.parametrize("client_key, worker_key", [("not the key", KEY), (None, KEY), (KEY, None)],
+                         ids=["wrong-key", "no-key", "keyed-client-unkeyed-worker"])
+def test_mismatched_keys_fail_the_handshake_quickly_and_nothing_runs(
+        start_worker, make_client, tmp_path, client_key, worker_key):
+    worker = start_worker(env={"BROKEST_KEY": worker_key} if worker_key else {})
     started = time.monotonic()
-    with pytest.raises(brokest.AuthenticationError, match="signature did not verify"):
-        make_client(worker.address, key="not the key").queue(add, 1, 2)  # no timeout
-    assert time.monotonic() - started < 2
+    with pytest.raises(brokest.AuthenticationError, match="do both ends use the same key"):
+        make_client(worker.address, key=client_key).queue(Path.touch, tmp_path / "ran")  # no timeout
+    assert time.monotonic() - started < 5
+    assert not (tmp_path / "ran").exists()
+    # the worker serves on, for a client with the right key
+    assert make_client(worker.address, key=worker_key, timeout=10).queue(add, 1, 2) == 3
 
 
-def test_client_without_a_key_gets_a_clear_error_from_a_keyed_worker(start_worker, make_client):
+def test_submit_and_map_fail_the_same_way_with_the_wrong_key(start_worker, make_client):
     worker = start_worker(env={"BROKEST_KEY": KEY})
+    client = make_client(worker.address, key="not the key")
     with pytest.raises(brokest.AuthenticationError):
-        make_client(worker.address).queue(add, 1, 2)
+        client.submit(add, 1, 2).result(timeout=5)
+    with pytest.raises(brokest.AuthenticationError):
+        list(client.map(add, [1], [2], timeout=5))
 
 
 def test_key_file_sets_the_worker_key_with_whitespace_stripped(start_worker, make_client, tmp_path):
@@ -633,12 +680,26 @@ def test_key_file_sets_the_worker_key_with_whitespace_stripped(start_worker, mak
     assert make_client(worker.address, key=KEY.encode()).queue(add, 1, 2) == 3
 
 
+def test_impostor_without_the_key_never_receives_a_keyed_clients_request(make_client):
+    # a plain REP socket posing as a worker, listening where the client expects its worker
+    impostor = zmq.Context.instance().socket(zmq.REP)
+    impostor.linger = 0
+    port = impostor.bind_to_random_port("tcp://127.0.0.1")
+    try:
+        with pytest.raises(brokest.AuthenticationError):
+            make_client(f"tcp://127.0.0.1:{port}", key=KEY).queue(add, 1, 2)  # no timeout
+        assert not impostor.poll(500)
+    finally:
+        impostor.close()
+
+
 @pytest.mark.parametrize("signature", [b"", b"\x00" * 32])
 def test_rogue_worker_cannot_make_a_keyed_client_unpickle_its_reply(make_client, tmp_path, signature):
-    # a REP socket posing as a worker answers with a malicious pickle, echoing the request id
+    # a REP socket holding the worker's CURVE key answers with a badly signed malicious pickle
     marker = tmp_path / "unpickled"
     rogue = zmq.Context.instance().socket(zmq.REP)
     rogue.linger = 0
+    curve_server(rogue, KEY)
     port = rogue.bind_to_random_port("tcp://127.0.0.1")
 
     def answer_once():
