@@ -527,6 +527,8 @@ class Client(Executor):
         self._context.max_sockets = self._context.get(zmq.SOCKET_LIMIT)
         self._idle = collections.deque(Connection(self._context, address, self.key)
                                        for address in self.addresses)
+        # Idle connections whose worker was down when last seen, and when to look again.
+        self._down, self._next_look_at_down = [], 0
         self._changed = threading.Condition()
         self._closed = False
         # submit() runs queue() on these threads, and each map() runs all its chunks on one.
@@ -562,8 +564,8 @@ class Client(Executor):
             return
         with self._changed:
             self._closed = True
-            while self._idle:
-                self._idle.pop().close()
+            for connection in [*self._idle, *self._down]:
+                connection.close()
             self._changed.notify_all()
 
     def _chunks(self, function, calls, chunksize):
@@ -634,36 +636,42 @@ class Client(Executor):
         connections, nobody_up_since, delay, warned = [], None, 0.001, False
         with self._changed:
             while True:
-                for _ in range(len(self._idle)):
-                    if len(connections) == count:
-                        break
+                # Asking a socket whether it is ready takes microseconds: with hundreds of
+                # workers down, looking at them all on every call would take milliseconds.
+                if time.monotonic() >= self._next_look_at_down:
+                    self._idle.extend(self._down)
+                    self._down.clear()
+                    self._next_look_at_down = time.monotonic() + CHECK_INTERVAL_MS / 1000
+                while self._idle and len(connections) < count:
                     connection = self._idle.popleft()
-                    if connection.is_ready():
-                        connections.append(connection)
-                    else:
-                        self._idle.append(connection)  # down: look at the others first next time
+                    (connections if connection.is_ready() else self._down).append(connection)
                 if connections or not wait or not count:
                     return connections
                 if self._closed:
                     raise RuntimeError("cannot run a task on a Client that was shut down")
                 # With every connection idle and none ready, no worker is up: that wait counts
                 # against the timeout. Waiting for a busy worker to finish does not.
-                if len(self._idle) < len(self.addresses):
+                if len(self._idle) + len(self._down) < len(self.addresses):
                     nobody_up_since = None
                 else:
                     nobody_up_since = nobody_up_since or time.monotonic()
                     waited = time.monotonic() - nobody_up_since
-                    for connection in self._idle:
+                    for connection in self._down:
                         connection.raise_if_refused()
                     if self.timeout is not None and waited >= self.timeout:
-                        raise TimeoutError(f"no worker came up at {', '.join(self.addresses)} "
+                        raise TimeoutError(f"no worker came up at {self._named_addresses()} "
                                            f"within {self.timeout} s")
                     if waited >= WAITING_WARNING_S and not warned:
-                        log.warning("waiting for a worker to come up at %s", ", ".join(self.addresses))
+                        log.warning("waiting for a worker to come up at %s", self._named_addresses())
                         warned = True
                 # Checkins notify; a worker coming up does not, so look again soon.
                 self._changed.wait(delay)
                 delay = min(delay * 2, 0.1)
+
+    def _named_addresses(self):
+        """Return the workers' addresses for a message: all of a few, the first of many."""
+        more = len(self.addresses) - 3
+        return ", ".join(self.addresses[:3]) + (f" and {more} more" if more > 0 else "")
 
     def _checkin(self, connection):
         """Return a connection to the idle ones, or close it if the Client was shut down."""

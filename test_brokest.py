@@ -6,6 +6,7 @@ The task functions below are pickled by reference, and the workers import them f
 """
 import asyncio
 import concurrent.futures
+import contextlib
 import hmac
 import itertools
 import logging
@@ -30,6 +31,11 @@ import brokest
 
 HERE = Path(__file__).resolve().parent
 KEY = "test-key-5f1c2a"
+SECRET = b"argument-4be1c9d0"  # bytes a wiretap looks for
+RESULT_TAG = b"-result-77e2a1"
+# Calls that keep C code busy, holding the GIL, for about 4 s on the machine this was written
+# on: longer than the heartbeat timeout (1.5 s).
+GIL_HOLDING_COUNT = 5 * 10**8
 
 
 # --- Tasks the workers run ---
@@ -103,6 +109,57 @@ def count_the_run_then_fail(path):
     raise ValueError("this task always fails")
 
 
+def spin_then_note_the_finally(path):
+    try:
+        while True:
+            pass
+    finally:
+        Path(path).write_text("finally ran")
+
+
+def sleep_then_note_the_finally(path, seconds):
+    try:
+        time.sleep(seconds)
+    finally:
+        Path(path).write_text("finally ran")
+
+
+def swallow_every_timeout():
+    while True:
+        try:
+            time.sleep(60)
+        except TimeoutError:
+            pass
+
+
+def hold_the_gil(count):
+    return sum(itertools.repeat(1, count))  # C code that never returns to Python until done
+
+
+def exit_at_once(code):
+    os._exit(code)
+
+
+def segfault():
+    import ctypes
+    ctypes.string_at(0)
+
+
+def count_the_run_then_sleep(path, seconds):
+    with open(path, "a") as runs:
+        runs.write("run\n")
+    time.sleep(seconds)
+
+
+def tag_the_secret(value):
+    return value + RESULT_TAG
+
+
+def log_the_run(path):
+    with open(path, "a") as runs:
+        runs.write("run\n")
+
+
 class CreatesFileWhenUnpickled:
     """A payload whose unpickling creates a file: proof that something was unpickled."""
 
@@ -136,10 +193,83 @@ def free_port():
         return probe.getsockname()[1]
 
 
+def free_ports(count):
+    """Return the first of count consecutive ports that are free on 127.0.0.1 right now."""
+    for _ in range(100):
+        first = free_port()
+        probes = []
+        try:
+            for port in range(first, first + count):
+                probes.append(socket.create_server(("127.0.0.1", port)))
+            return first
+        except OSError:
+            continue
+        finally:
+            for probe in probes:
+                probe.close()
+    pytest.fail(f"found no {count} free ports in a row")
+
+
+class RecordingRelay:
+    """A TCP relay on 127.0.0.1 to a worker's port, recording the bytes of each connection."""
+
+    def __init__(self, port):
+        self.port, self.listener = port, socket.create_server(("127.0.0.1", 0))
+        self.address = f"tcp://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.sent, self.received = [], []  # per connection: client to worker, worker to client
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            worker = socket.create_connection(("127.0.0.1", self.port))
+            self.sent.append(bytearray())
+            self.received.append(bytearray())
+            for source, sink, record in [(client, worker, self.sent[-1]),
+                                         (worker, client, self.received[-1])]:
+                threading.Thread(target=self._pump, args=(source, sink, record), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink, record):
+        try:
+            while data := source.recv(1 << 16):
+                record += data
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            source.close()
+            sink.close()
+
+    def close(self):
+        self.listener.close()
+
+
+def send_raw_bytes(port, data):
+    """Send data on a new TCP connection to port; return what came back until it closed.
+
+    The first 64 bytes go as a ZMTP greeting does, in its two steps, each after the peer's
+    answer: libzmq takes a recorded session that way, not in one piece."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+        answer = b""
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError, TimeoutError):
+            for start, end, expected in [(0, 11, 11), (11, 64, 64), (64, len(data), None)]:
+                connection.sendall(data[start:end])
+                while expected is None or len(answer) < expected:
+                    chunk = connection.recv(1 << 16)
+                    if not chunk:
+                        return answer
+                    answer += chunk
+        return answer
+
+
 class WorkerProcess:
     """A `python brokest.py` supervisor on 127.0.0.1 and its workers, known from its log."""
 
-    def __init__(self, *options, workers=1, env=None):
+    def __init__(self, *options, workers=1, env=None, timeout=10.0):
         self.process = subprocess.Popen(
             [sys.executable, str(HERE / "brokest.py"), *options],
             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
@@ -148,7 +278,7 @@ class WorkerProcess:
         self.listening = []  # (worker pid, address), in the order the workers said so
         self.changed = threading.Condition()
         threading.Thread(target=self._read_log, daemon=True).start()
-        self.wait_for_log(r"listening on", count=workers)
+        self.wait_for_log(r"listening on", count=workers, timeout=timeout)
 
     def _read_log(self):
         for line in self.process.stderr:
@@ -466,6 +596,57 @@ def test_many_threads_share_one_client_and_lose_nothing(two_workers, make_client
     assert {pid for pid, _ in results} == {w.pid for w in two_workers}
 
 
+def test_map_with_chunks_returns_results_in_order(two_workers, make_client):
+    client = make_client([w.address for w in two_workers], timeout=20)
+    assert list(client.map(add, range(10), range(10), chunksize=3)) == [2 * n for n in range(10)]
+
+
+def test_map_with_chunks_stops_at_the_shortest_iterable_and_takes_generators(worker, make_client):
+    client = make_client(worker.address, timeout=20)
+    results = client.map(add, (n for n in range(7)), iter([10, 20, 30, 40, 50]), chunksize=2)
+    assert list(results) == [10, 21, 32, 43, 54]
+
+
+def test_map_with_chunks_raises_an_exception_at_its_own_place(worker, make_client):
+    # one chunk holds all four calls; the third raises
+    results = make_client(worker.address).map(divide, [1, 2, 3, 4], [1, 1, 0, 1], chunksize=4)
+    assert next(results) == 1.0 and next(results) == 2.0
+    with pytest.raises(ZeroDivisionError) as raised:
+        next(results)
+    assert "in divide" in str(raised.value.__cause__)
+
+
+def test_map_sends_its_chunks_to_all_workers_at_once(two_workers, make_client, tmp_path):
+    client = make_client([w.address for w in two_workers], timeout=20)
+    pids = list(client.map(meet_then_return_pid, [tmp_path] * 4, [2] * 4, chunksize=2))
+    assert pids[0] == pids[1] and pids[2] == pids[3]
+    assert {pids[0], pids[2]} == {w.pid for w in two_workers}
+
+
+@pytest.mark.parametrize("chunksize", [0, -1])
+def test_map_refuses_a_chunksize_below_one(worker, make_client, chunksize):
+    with pytest.raises(ValueError, match="chunksize"):
+        make_client(worker.address).map(add, [1], [2], chunksize=chunksize)
+
+
+def test_client_of_a_thousand_workers_dispatches_to_the_hundred_that_are_up(start_worker):
+    # libzmq's default context allows 1,023 sockets; each connection takes three. The tasks
+    # need no import on the workers: a hundred workers importing this test module at once
+    # would keep two cores busy for half a minute.
+    workers = start_worker("--processes", "100", workers=100, timeout=60)
+    up = workers.addresses
+    down = [f"tcp://127.0.0.1:{free_port()}" for _ in range(900)]
+    started = time.monotonic()
+    client = brokest.Client(up + down, timeout=30)
+    try:
+        assert time.monotonic() - started < 5
+        assert list(client.map(time.sleep, [0.05] * 1000, timeout=60)) == [None] * 1000
+        served = set(client.map(lambda _: os.getpid(), range(1000), timeout=60))
+        assert served <= {workers.pid_on(address) for address in up} and len(served) > 50
+    finally:
+        client.shutdown()
+
+
 # --- Worker lifecycle and command line ---
 
 def test_stop_from_another_thread_ends_start_and_frees_the_port(make_client):
@@ -600,6 +781,122 @@ def test_task_that_raised_is_never_retried(two_workers, make_client, tmp_path):
     assert (tmp_path / "runs").read_text() == "run\n"
 
 
+# --- A worker survives its tasks: time limits and supervision ---
+
+@pytest.mark.parametrize("task, args", [(spin_then_note_the_finally, ()),
+                                        (sleep_then_note_the_finally, (60,))],
+                         ids=["python-loop", "sleep"])
+def test_task_past_the_timeout_is_stopped_inside_and_the_worker_serves_on(
+        worker, make_client, tmp_path, task, args):
+    client = make_client(worker.address, timeout=1)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="time limit"):  # the worker's own TimeoutError
+        client.queue(task, tmp_path / "finally", *args)
+    assert time.monotonic() - started < 2
+    assert (tmp_path / "finally").read_text() == "finally ran"
+    started = time.monotonic()
+    assert client.queue(identify, 0)[0] == worker.pid  # the same process, at once
+    assert time.monotonic() - started < 1
+
+
+def test_worker_time_limit_stops_tasks_of_a_client_without_a_timeout(start_worker, make_client,
+                                                                     tmp_path):
+    worker = start_worker("--time-limit", "1")
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        make_client(worker.address).queue(sleep_then_note_the_finally, tmp_path / "finally", 60)
+    assert time.monotonic() - started < 2
+    assert make_client(worker.address).queue(add, 1, 2) == 3
+
+
+@pytest.mark.parametrize("task, args", [(swallow_every_timeout, ()),
+                                        (hold_the_gil, (10**11,))],
+                         ids=["swallows-timeout-error", "stuck-in-c-code"])
+def test_task_that_runs_on_past_its_limit_is_killed_and_its_port_serves_again(
+        worker, make_client, task, args):
+    client = make_client(worker.address, timeout=1)
+    started, old_pid = time.monotonic(), worker.pid
+    with pytest.raises((TimeoutError, brokest.WorkerLost)):
+        client.queue(task, *args)
+    new_pid = worker.wait_for_new_worker(worker.address, old_pid)
+    assert client.queue(identify, 0)[0] == new_pid
+    assert time.monotonic() - started < 1 + 4  # within 4 s of the limit
+    assert worker.wait_for_log(r"Timeout \(")  # faulthandler's dump says where it was stuck
+    assert worker.wait_for_log(f"worker {old_pid} on port .* exited with status 1")
+
+
+def test_task_holding_the_gil_without_a_limit_runs_to_its_end(worker, make_client):
+    # longer than the heartbeat timeout; libzmq's I/O thread answers heartbeats meanwhile
+    assert make_client(worker.address).queue(hold_the_gil, GIL_HOLDING_COUNT) == GIL_HOLDING_COUNT
+
+
+def test_task_that_timed_out_is_never_retried(worker, make_client, tmp_path):
+    client = make_client(worker.address, timeout=0.5, retries=2)
+    with pytest.raises(TimeoutError):
+        client.queue(count_the_run_then_sleep, tmp_path / "runs", 60)
+    assert (tmp_path / "runs").read_text() == "run\n"
+
+
+@pytest.mark.parametrize("how, logged", [("os._exit", "exited with status 3"),
+                                         ("segfault", "was killed by SIGSEGV"),
+                                         ("SIGKILL", "was killed by SIGKILL")])
+def test_dead_worker_is_replaced_on_its_port_and_its_sibling_is_untouched(
+        start_worker, make_client, tmp_path, how, logged):
+    workers = start_worker("--processes", "2", workers=2)
+    doomed, sibling = workers.addresses
+    doomed_pid, sibling_pid = workers.pid_on(doomed), workers.pid_on(sibling)
+    client = make_client(doomed)
+    if how == "SIGKILL":
+        task = client.submit(touch_then_sleep, tmp_path / "started", 60)
+        wait_until((tmp_path / "started").exists)
+        os.kill(doomed_pid, signal.SIGKILL)
+    else:
+        task = client.submit(exit_at_once, 3) if how == "os._exit" else client.submit(segfault)
+    with pytest.raises(brokest.WorkerLost):
+        task.result(timeout=5)
+    lost = time.monotonic()
+    new_pid = workers.wait_for_new_worker(doomed, doomed_pid)
+    assert make_client(doomed, timeout=5).queue(identify, 0)[0] == new_pid
+    assert time.monotonic() - lost < 2
+    assert make_client(sibling, timeout=5).queue(identify, 0)[0] == sibling_pid
+    assert workers.wait_for_log(f"worker {doomed_pid} on port {doomed.rsplit(':', 1)[1]} {logged}")
+
+
+def test_workers_of_a_killed_supervisor_exit_by_themselves(start_worker):
+    workers = start_worker("--processes", "2", workers=2)
+    pids = [workers.pid_on(address) for address in workers.addresses]
+    workers.process.kill()  # SIGKILL: the supervisor can neither stop nor replace them
+    wait_until(lambda: all(parent_of(pid) is None for pid in pids), timeout=8)
+
+
+def test_a_port_that_cannot_be_bound_ends_the_cli_with_status_2_naming_it():
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, str(HERE / "brokest.py"), "--port", str(port)],
+                                capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+def test_a_port_range_names_the_workers_of_processes(start_worker, make_client, tmp_path):
+    port = free_ports(3)
+    workers = start_worker("--port", str(port), "--processes", "3", workers=3)
+    client = make_client(f"tcp://127.0.0.1:{port}-{port + 2}", timeout=20)
+    assert client.addresses == [f"tcp://127.0.0.1:{p}" for p in range(port, port + 3)]
+    pids = list(client.map(sleep_then_return, [0.3] * 9, range(9)))
+    assert pids == list(range(9))
+    assert len(workers.wait_for_log(r"sleep_then_return [\d.]+ ms ok", count=9)) == 9
+    served = {line.split("brokest[")[1].split("]")[0] for line in workers.log
+              if "sleep_then_return" in line}
+    assert served == {str(workers.pid_on(address)) for address in workers.addresses}
+
+
+@pytest.mark.parametrize("address", ["tcp://127.0.0.1:9093-9090", "tcp://127.0.0.1:a-b"])
+def test_a_malformed_port_range_is_a_value_error(address):
+    with pytest.raises(ValueError, match="port range"):
+        brokest.Client(address)
+
+
 # --- Bad input never kills a worker ---
 
 @pytest.mark.parametrize("frames", [
@@ -715,6 +1012,91 @@ def test_rogue_worker_cannot_make_a_keyed_client_unpickle_its_reply(make_client,
         thread.join(timeout=10)
         rogue.close()
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("argument", [SECRET, SECRET * (1 << 20 // len(SECRET))],
+                         ids=["small", "1-MB"])
+def test_without_a_key_the_wire_shows_arguments_and_results(worker, make_client, argument):
+    relay = RecordingRelay(int(worker.address.rsplit(":", 1)[1]))
+    try:
+        assert make_client(relay.address, timeout=10).queue(tag_the_secret, argument).endswith(RESULT_TAG)
+    finally:
+        relay.close()
+    assert SECRET in b"".join(relay.sent) and b"tag_the_secret" in b"".join(relay.sent)
+    assert RESULT_TAG in b"".join(relay.received)
+
+
+@pytest.mark.parametrize("argument", [SECRET, SECRET * (1 << 20 // len(SECRET))],
+                         ids=["small", "1-MB"])
+def test_with_a_key_the_wire_shows_no_argument_result_or_function_name(start_worker, make_client,
+                                                                       argument):
+    worker = start_worker(env={"BROKEST_KEY": KEY})
+    relay = RecordingRelay(int(worker.address.rsplit(":", 1)[1]))
+    try:
+        client = make_client(relay.address, key=KEY, timeout=10)
+        assert client.queue(tag_the_secret, argument).endswith(RESULT_TAG)
+    finally:
+        relay.close()
+    wire = b"".join(relay.sent + relay.received)
+    assert len(wire) > len(argument)
+    assert SECRET not in wire and RESULT_TAG not in wire and b"tag_the_secret" not in wire
+
+
+@pytest.mark.parametrize("size", [0, 1 << 20], ids=["small", "1-MiB"])
+def test_recorded_request_sent_again_on_new_connections_runs_nothing(start_worker, make_client,
+                                                                     tmp_path, size):
+    worker = start_worker(env={"BROKEST_KEY": KEY})
+    port = int(worker.address.rsplit(":", 1)[1])
+    relay = RecordingRelay(port)
+    try:
+        make_client(relay.address, key=KEY, timeout=10).queue(log_the_run, tmp_path / "runs")
+    finally:
+        relay.close()
+    [recorded] = relay.sent
+    recorded += os.urandom(size)  # a 1 MiB argument would have followed; CurveZMQ refuses first
+    for _ in range(2):
+        send_raw_bytes(port, bytes(recorded))  # returns once the worker has hung up on us
+    assert make_client(worker.address, key=KEY, timeout=10).queue(add, 1, 2) == 3
+    assert (tmp_path / "runs").read_text() == "run\n"
+
+
+def test_without_a_key_a_recorded_request_does_run_again(worker, make_client, tmp_path):
+    # the control for the test above: the recording and the replay are real
+    port = int(worker.address.rsplit(":", 1)[1])
+    relay = RecordingRelay(port)
+    try:
+        make_client(relay.address, timeout=10).queue(log_the_run, tmp_path / "runs")
+    finally:
+        relay.close()
+    threading.Thread(target=send_raw_bytes, args=(port, bytes(relay.sent[0])), daemon=True).start()
+    wait_until(lambda: (tmp_path / "runs").read_text() == "run\nrun\n")
+
+
+@pytest.mark.parametrize("key", [KEY, None], ids=["keyed", "unkeyed"])
+def test_client_is_served_again_each_time_its_worker_is_replaced(start_worker, make_client,
+                                                                 tmp_path, key):
+    worker = start_worker(env={"BROKEST_KEY": key} if key else {})
+    client = make_client(worker.address, key=key, timeout=10)  # never told the key is wrong
+    for round in range(3):
+        old_pid = worker.pid
+        busy = client.submit(touch_then_sleep, tmp_path / str(round), 60)
+        wait_until((tmp_path / str(round)).exists)
+        os.kill(old_pid, signal.SIGKILL)
+        with pytest.raises(brokest.WorkerLost):
+            busy.result(timeout=5)
+        assert client.queue(identify, round)[0] == worker.wait_for_new_worker(worker.address, old_pid)
+
+
+def test_worker_serves_on_after_failed_handshakes_and_garbage(start_worker, make_client):
+    worker = start_worker(env={"BROKEST_KEY": KEY})
+    port = int(worker.address.rsplit(":", 1)[1])
+    send_raw_bytes(port, b"GET / HTTP/1.0\r\n\r\n")
+    send_raw_bytes(port, os.urandom(4096))
+    for wrong in ["not the key", None]:
+        with pytest.raises(brokest.AuthenticationError):
+            make_client(worker.address, key=wrong).queue(add, 1, 2)
+    assert make_client(worker.address, key=KEY, timeout=10).queue(add, 1, 2) == 3
+    assert worker.process.poll() is None and len(worker.listening) == 1  # never restarted
 
 
 def test_worker_refuses_a_public_host_without_a_key():
