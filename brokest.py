@@ -7,16 +7,17 @@
 The wire protocol is one round trip per task, from a client's REQ socket to a worker's REP
 socket. Requests and replies have the same frames:
 
-  Client (REQ)                                          Worker (REP)
+  Client (REQ)                                                  Worker (REP)
     <-- with a key: CurveZMQ handshake, fresh keys for every connection -->
   queue(fn, *args, **kwargs)
-    [signature][request id][pickle (function, calls, time limit)][buffer]...  -->  verify, unpickle,
-    <--  [signature][request id][pickle [outcome, ...]][buffer]...               run each call
+    [signature][request id][function][pickle (calls, time limit)][buffer]...  -->  verify,
+    <--  [signature][request id][][pickle [outcome, ...]][buffer]...    unpickle, run each call
 
   signature   HMAC-SHA256(key, each later frame's length as 8 bytes big-endian, then its bytes);
               an empty frame when there is no key
   request id  8 random bytes, fresh for every task; the reply echoes them
-  function    fn, pickled on its own so that map() pickles it once for all its calls
+  function    fn, pickled on its own so that map() pickles it once for all its calls; a
+              reply leaves this frame empty
   calls       [(args, kwargs), ...]: one call for queue() and submit(), chunksize for map()
   time limit  the client's timeout: the worker stops a call that runs longer (None: no limit)
   pickle      protocol 5: plain pickle where everything can be found by name, cloudpickle
@@ -45,6 +46,7 @@ import argparse
 import collections
 import contextlib
 import faulthandler
+import functools
 import hashlib
 import hmac
 import ipaddress
@@ -135,11 +137,12 @@ def sign(key, frames):
     return mac.digest()
 
 
-def pack_message(key, request_id, payload):
-    """Return the signed frames of a message carrying payload, its large buffers as frames."""
+def pack_message(key, request_id, function, payload):
+    """Return the signed frames of a message: the pickled function (or b""), then payload's
+    pickle, its large buffers as frames of their own."""
     buffers = []
     body = dumps(payload, buffers)
-    frames = [request_id, body, *(buffer.raw() for buffer in buffers)]
+    frames = [request_id, function, body, *(buffer.raw() for buffer in buffers)]
     return [sign(key, frames), *frames]
 
 
@@ -163,15 +166,16 @@ def dumps(value, buffers=None):
 
 
 def unpack_message(key, frames):
-    """Return (request id, payload) of a message, unpickled only if its signature verifies."""
-    if len(frames) < 3:
-        raise RemoteError(f"malformed message: {len(frames)} frames, expected at least 3")
-    signature, request_id, body, *buffers = frames
+    """Return (request id, pickled function, payload) of a message, unpickled only if its
+    signature verifies."""
+    if len(frames) < 4:
+        raise RemoteError(f"malformed message: {len(frames)} frames, expected at least 4")
+    signature, request_id, function, body, *buffers = frames
     # Verify before unpickling: unpickling can run arbitrary code. compare_digest takes the
     # same time wherever the bytes differ, so timing does not reveal the right signature.
     if not hmac.compare_digest(signature, sign(key, frames[1:])):
         raise AuthenticationError("signature did not verify: do both ends use the same key?")
-    return bytes(request_id), loads(body, buffers)
+    return bytes(request_id), function, loads(body, buffers)
 
 
 def loads(body, buffers=()):
@@ -184,6 +188,12 @@ def loads(body, buffers=()):
                           f"register_pickle_by_value({error.name}) before sending") from None
     except (Exception, SystemExit) as error:
         raise RemoteError(f"could not unpickle the message: {error!r}") from None
+
+
+@functools.lru_cache(maxsize=64)
+def load_function(function):
+    """Return the function these pickled bytes make, unpickled once for many calls."""
+    return loads(function)
 
 
 def receive(socket):
@@ -364,12 +374,12 @@ class Worker:
         started = time.perf_counter()
         request_id = bytes(request[1]) if len(request) > 1 else b""
         try:
-            request_id, (function, calls, time_limit) = unpack_message(self.key, request)
-            fn, calls = loads(function), list(calls)
+            request_id, function, (calls, time_limit) = unpack_message(self.key, request)
+            fn, calls = load_function(bytes(function)), list(calls)
             limits = [float(limit) for limit in (time_limit, self.time_limit) if limit is not None]
         except Exception as error:
             log.warning("rejected a request: %s", error)
-            return pack_message(self.key, request_id, ("error", f"request rejected: {error}")), None
+            return pack_message(self.key, request_id, b"", ("error", f"request rejected: {error}")), None
         deadline = None  # SIGALRM's handler runs in the main thread: only there can we stop a task
         if limits and threading.current_thread() is threading.main_thread():
             deadline = time.monotonic() + min(limits)
@@ -380,10 +390,10 @@ class Worker:
         outcomes = [run_task(fn, call, deadline) for call in calls]
         faulthandler.cancel_dump_traceback_later()
         try:
-            reply = pack_message(self.key, request_id, outcomes)
+            reply = pack_message(self.key, request_id, b"", outcomes)
         except Exception:
             outcomes = [picklable(outcome) for outcome in outcomes]
-            reply = pack_message(self.key, request_id, outcomes)
+            reply = pack_message(self.key, request_id, b"", outcomes)
         name = getattr(fn, "__qualname__", type(fn).__qualname__)
         return reply, ("%s %.1f ms %s", name, (time.perf_counter() - started) * 1000,
                        status_of(outcomes))
@@ -573,8 +583,8 @@ class Client(Executor):
         chunks = []
         for start in range(0, len(calls), chunksize):
             request_id = os.urandom(8)
-            payload = (function, calls[start:start + chunksize], self.timeout)
-            chunks.append(Chunk(request_id, pack_message(self.key, request_id, payload)))
+            payload = (calls[start:start + chunksize], self.timeout)
+            chunks.append(Chunk(request_id, pack_message(self.key, request_id, function, payload)))
         return chunks
 
     def _run(self, chunks):
@@ -611,7 +621,7 @@ class Client(Executor):
 
     def _outcomes(self, chunk, reply):
         """Return the outcome of each of a chunk's calls, from its reply's frames."""
-        reply_id, outcomes = unpack_message(self.key, reply)
+        reply_id, _, outcomes = unpack_message(self.key, reply)
         if reply_id != chunk.request_id:
             raise RemoteError("the reply answers a different request")
         if not isinstance(outcomes, list):  # the worker could not read the request

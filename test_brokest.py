@@ -504,16 +504,16 @@ def test_worker_logs_one_line_per_task_with_name_duration_and_status(worker, mak
 
 def test_large_bytes_travel_as_their_own_frame_without_a_copy():
     payload = b"x" * (1 << 20)
-    frames = brokest.pack_message(None, b"id", (len, (brokest.out_of_band(payload),), {}))
-    assert len(frames) == 4 and frames[3].obj is payload and len(frames[2]) < 1000
+    frames = brokest.pack_message(None, b"id", b"", ([((brokest.out_of_band(payload),), {})], None))
+    assert len(frames) == 5 and frames[4].obj is payload and len(frames[3]) < 1000
 
 
 def test_numpy_arrays_travel_as_their_own_frame_without_a_copy():
     numpy = pytest.importorskip("numpy")
     array = numpy.arange(1 << 18)
-    frames = brokest.pack_message(None, b"id", (len, (array,), {}))
-    assert len(frames) == 4
-    assert numpy.shares_memory(array, numpy.frombuffer(frames[3], dtype=array.dtype))
+    frames = brokest.pack_message(None, b"id", b"", ([((array,), {})], None))
+    assert len(frames) == 5
+    assert numpy.shares_memory(array, numpy.frombuffer(frames[4], dtype=array.dtype))
 
 
 @pytest.mark.parametrize("kind", [bytes, bytearray, memoryview])
@@ -901,14 +901,16 @@ def test_a_malformed_port_range_is_a_value_error(address):
 
 @pytest.mark.parametrize("frames", [
     [b"garbage"],
-    [b"", b"request-id"],
-    [b"", b"request-id", pickle.dumps((add, (1, 2), {}))[:-5]],
-    [b"", b"request-id", pickle.dumps(RaisesWhenUnpickled())],
-    [b"", b"request-id", pickle.dumps("not a call")],
+    [b"", b"request-id", pickle.dumps(add)],
+    [b"", b"request-id", pickle.dumps(add), pickle.dumps(([((1, 2), {})], None))[:-5]],
+    [b"", b"request-id", pickle.dumps(add), pickle.dumps(RaisesWhenUnpickled())],
+    [b"", b"request-id", pickle.dumps(add), pickle.dumps("not a call")],
+    [b"", b"request-id", pickle.dumps(RaisesWhenUnpickled()), pickle.dumps(([((1, 2), {})], None))],
+    [b"", b"request-id", pickle.dumps(add), pickle.dumps(([((1, 2), {})], "soon"))],
 ], ids=["one-garbage-frame", "too-few-frames", "truncated-pickle", "raises-while-loading",
-        "not-a-call"])
+        "not-a-call", "function-raises-while-loading", "time-limit-not-a-number"])
 def test_bad_request_gets_an_error_reply_and_the_worker_keeps_serving(worker, make_client, frames):
-    request_id, (kind, message) = brokest.unpack_message(None, raw_request(worker.address, frames))
+    request_id, _, (kind, message) = brokest.unpack_message(None, raw_request(worker.address, frames))
     assert kind == "error" and message.startswith("request rejected")
     assert worker.wait_for_log("rejected a request")
     assert make_client(worker.address, timeout=10).queue(add, 1, 2) == 3
@@ -917,7 +919,7 @@ def test_bad_request_gets_an_error_reply_and_the_worker_keeps_serving(worker, ma
 def test_message_larger_than_max_message_size_is_dropped_and_the_worker_keeps_serving(
         start_worker, make_client):
     worker = start_worker("--max-message-size", "10000")
-    assert raw_request(worker.address, [b"", b"id", b"x" * 100_000], timeout_ms=1000) is None
+    assert raw_request(worker.address, [b"", b"id", b"", b"x" * 100_000], timeout_ms=1000) is None
     client = make_client(worker.address, timeout=10)
     with pytest.raises(brokest.WorkerLost):
         client.queue(len, "x" * 100_000)
@@ -931,9 +933,9 @@ def test_request_with_a_bad_signature_is_never_unpickled(start_worker, make_clie
                                                          signature):
     worker = start_worker(env={"BROKEST_KEY": KEY})
     marker = tmp_path / "unpickled"
-    reply = raw_request(worker.address, [signature, b"id", pickle.dumps(CreatesFileWhenUnpickled(marker))],
-                        key=KEY)
-    _, (kind, message) = brokest.unpack_message(KEY.encode(), reply)
+    reply = raw_request(worker.address, [signature, b"id", pickle.dumps(add),
+                                         pickle.dumps(CreatesFileWhenUnpickled(marker))], key=KEY)
+    _, _, (kind, message) = brokest.unpack_message(KEY.encode(), reply)
     assert kind == "error" and "signature did not verify" in message
     assert not marker.exists()
     assert make_client(worker.address, key=KEY, timeout=10).queue(add, 1, 2) == 3
@@ -942,8 +944,8 @@ def test_request_with_a_bad_signature_is_never_unpickled(start_worker, make_clie
 def test_request_signed_with_another_key_is_never_unpickled(start_worker, tmp_path):
     worker = start_worker(env={"BROKEST_KEY": KEY})
     marker = tmp_path / "unpickled"
-    forged = brokest.pack_message(b"another key", b"id", CreatesFileWhenUnpickled(marker))
-    _, (kind, message) = brokest.unpack_message(KEY.encode(), raw_request(worker.address, forged, key=KEY))
+    forged = brokest.pack_message(b"another key", b"id", pickle.dumps(add), CreatesFileWhenUnpickled(marker))
+    _, _, (kind, message) = brokest.unpack_message(KEY.encode(), raw_request(worker.address, forged, key=KEY))
     assert kind == "error" and "signature did not verify" in message
     assert not marker.exists()
 
@@ -1001,7 +1003,7 @@ def test_rogue_worker_cannot_make_a_keyed_client_unpickle_its_reply(make_client,
 
     def answer_once():
         request = rogue.recv_multipart()
-        rogue.send_multipart([signature, request[1], pickle.dumps(CreatesFileWhenUnpickled(marker))])
+        rogue.send_multipart([signature, request[1], b"", pickle.dumps(CreatesFileWhenUnpickled(marker))])
 
     thread = threading.Thread(target=answer_once)
     thread.start()
