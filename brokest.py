@@ -7,17 +7,17 @@
 The wire protocol is one round trip per task, from a client's REQ socket to a worker's REP
 socket. Requests and replies have the same frames:
 
-  Client (REQ)                                                  Worker (REP)
+  Client (REQ)                                                     Worker (REP)
     <-- with a key: CurveZMQ handshake, fresh keys for every connection -->
   queue(fn, *args, **kwargs)
     [signature][request id][function][pickle (calls, time limit)][buffer]...  -->  verify,
-    <--  [signature][request id][][pickle [outcome, ...]][buffer]...    unpickle, run each call
+    <--  [signature][request id][][pickle [outcome, ...]][buffer]...     unpickle, run each call
 
   signature   HMAC-SHA256(key, each later frame's length as 8 bytes big-endian, then its bytes);
               an empty frame when there is no key
   request id  8 random bytes, fresh for every task; the reply echoes them
-  function    fn, pickled on its own so that map() pickles it once for all its calls; a
-              reply leaves this frame empty
+  function    fn, pickled on its own: map() pickles it once for all its calls, and a worker
+              keeps the functions it unpickled last; a reply leaves this frame empty
   calls       [(args, kwargs), ...]: one call for queue() and submit(), chunksize for map()
   time limit  the client's timeout: the worker stops a call that runs longer (None: no limit)
   pickle      protocol 5: plain pickle where everything can be found by name, cloudpickle
@@ -77,8 +77,8 @@ DEFAULT_ADDRESS = "tcp://127.0.0.1:9090"
 # so a long task is never mistaken for a dead worker; a frozen one is noticed in about 2 s.
 HEARTBEAT_INTERVAL_MS = 500
 HEARTBEAT_TIMEOUT_MS = 1500
-# How long a blocked client or worker waits before it looks up from its socket: to see
-# whether its worker was lost, its deadline passed, or stop() was called.
+# How long a waiting client or worker looks only at its sockets before it checks the rest:
+# whether a worker was lost or is late, whether stop() was called.
 CHECK_INTERVAL_MS = 100
 # How often, at most, a client tries again to reach a worker that is down. A supervised
 # worker's port stays open while it is replaced, so this only delays workers started by hand;
@@ -190,9 +190,11 @@ def loads(body, buffers=()):
         raise RemoteError(f"could not unpickle the message: {error!r}") from None
 
 
+# Unpickling a function sent by value rebuilds its code: worth doing once, not for every call.
+# Its pickle holds the values of the globals it reads, so a new value makes new bytes.
 @functools.lru_cache(maxsize=64)
 def load_function(function):
-    """Return the function these pickled bytes make, unpickled once for many calls."""
+    """Return the function its pickled bytes make."""
     return loads(function)
 
 
@@ -221,15 +223,9 @@ def out_of_band(value):
     return value
 
 
-def call_of(args, kwargs):
-    """Return one call's (args, kwargs) as they travel, large bytes-likes out of band."""
-    return tuple(map(out_of_band, args)), {name: out_of_band(v) for name, v in kwargs.items()}
-
-
 def run_task(fn, call, deadline):
-    """Return the outcome of one call of fn: its result, or its exception and traceback.
-
-    deadline: when (time.monotonic()) to stop the call by raising TimeoutError inside it."""
+    """Return the outcome of one call (args, kwargs) of fn: its result, or its exception and
+    traceback. deadline: when (time.monotonic()) to stop it by raising TimeoutError inside."""
     try:
         args, kwargs = call
         if deadline is not None:
@@ -258,8 +254,7 @@ def picklable(outcome):
     except Exception as error:
         kind, value = outcome
         if kind == "result":
-            return "error", (f"the result of type {type(value).__name__} could not be pickled: "
-                             f"{error!r}")
+            return "error", f"the result of type {type(value).__name__} could not be pickled: {error!r}"
         return "error", (f"the task raised {type(value[0]).__name__}, which could not be "
                          f"pickled ({error!r}); its traceback on the worker:\n{value[1]}")
 
@@ -339,8 +334,7 @@ class Worker:
         socket.linger = 0
         socket.rcvtimeo = CHECK_INTERVAL_MS
         socket.use_fd = self.fd
-        if self.max_message_size:
-            socket.maxmsgsize = self.max_message_size
+        socket.maxmsgsize = self.max_message_size or -1
         if self.key:
             socket.curve_server = True
             socket.curve_secretkey = curve_secret_key(self.key)
@@ -358,8 +352,7 @@ class Worker:
                         continue
                     reply, log_line = self.answer(request)
                     socket.send_multipart(reply, copy=False)
-                    if log_line and log.isEnabledFor(logging.INFO):
-                        log.info(*log_line)  # after the reply: the caller need not wait for it
+                    log.log(*log_line)  # after the reply: the caller need not wait for it
         finally:
             socket.close()
             context.term()
@@ -378,8 +371,9 @@ class Worker:
             fn, calls = load_function(bytes(function)), list(calls)
             limits = [float(limit) for limit in (time_limit, self.time_limit) if limit is not None]
         except Exception as error:
-            log.warning("rejected a request: %s", error)
-            return pack_message(self.key, request_id, b"", ("error", f"request rejected: {error}")), None
+            # One error outcome for the request: it raises at the first of its calls.
+            reply = pack_message(self.key, request_id, b"", [("error", f"request rejected: {error}")])
+            return reply, (logging.WARNING, "rejected a request: %s", error)
         deadline = None  # SIGALRM's handler runs in the main thread: only there can we stop a task
         if limits and threading.current_thread() is threading.main_thread():
             deadline = time.monotonic() + min(limits)
@@ -395,8 +389,8 @@ class Worker:
             outcomes = [picklable(outcome) for outcome in outcomes]
             reply = pack_message(self.key, request_id, b"", outcomes)
         name = getattr(fn, "__qualname__", type(fn).__qualname__)
-        return reply, ("%s %.1f ms %s", name, (time.perf_counter() - started) * 1000,
-                       status_of(outcomes))
+        return reply, (logging.INFO, "%s %.1f ms %s", name,
+                       (time.perf_counter() - started) * 1000, status_of(outcomes))
 
 
 @contextlib.contextmanager
@@ -416,31 +410,31 @@ def signal_handlers(handlers):
 # --- Client ---
 
 class Connection:
-    """One REQ socket to one worker: used by one thread at a time, renewed after a failure."""
+    """One REQ socket to one worker, with heartbeats and a monitor; one thread uses it at a time."""
 
-    def __init__(self, context, address, key):
-        self.context, self.address, self.key = context, address, key
-        self.open()
-
-    def open(self):
-        """Open a fresh REQ socket to the worker, with heartbeats and a monitor."""
-        self.socket = self.context.socket(zmq.REQ)
+    def __init__(self, context, address, key, timeout):
+        self.address, self.timeout = address, timeout
+        self.socket = context.socket(zmq.REQ)
         self.socket.linger = 0     # closing drops an unsent request at once, never blocks
         self.socket.immediate = 1  # a request waits for a live connection, its handshake done
+        # A request that was lost, or abandoned when its time was up, leaves a REQ socket stuck
+        # in mid-conversation (the Guide's "Lazy Pirate" closes and reopens it). Relaxed, it
+        # sends anew; correlated, it drops the late reply to an abandoned request.
+        self.socket.req_relaxed = self.socket.req_correlate = 1
         self.socket.heartbeat_ivl = HEARTBEAT_INTERVAL_MS
         self.socket.heartbeat_timeout = HEARTBEAT_TIMEOUT_MS
         self.socket.reconnect_ivl_max = RECONNECT_INTERVAL_MAX_MS
-        if self.key:
+        if key:
             # Whoever answers must prove that it holds the worker's secret key. Our keypair is
             # new for every socket, so nothing recorded from another connection replays.
-            self.socket.curve_serverkey = zmq.curve_public(curve_secret_key(self.key))
+            self.socket.curve_serverkey = zmq.curve_public(curve_secret_key(key))
             self.socket.curve_publickey, self.socket.curve_secretkey = zmq.curve_keypair()
         # A REQ socket never says that its worker went away, or refused us; its monitor does.
         self.monitor = self.socket.get_monitor_socket(
             zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
             | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
         self.lost, self.failed_handshakes = False, 0
-        self.socket.connect(self.address)
+        self.socket.connect(address)
 
     def close(self):
         """Close the socket and its monitor."""
@@ -453,7 +447,8 @@ class Connection:
         return bool(self.socket.get(zmq.EVENTS) & POLLOUT)
 
     def read_events(self):
-        """Take in what the monitor reported: a lost connection, or how a handshake went."""
+        """Take in what the monitor reported; raise AuthenticationError if the worker keeps
+        failing our handshakes."""
         while self.monitor.get(zmq.EVENTS) & POLLIN:
             event = recv_monitor_message(self.monitor)["event"]
             if event == zmq.EVENT_DISCONNECTED:
@@ -464,40 +459,28 @@ class Connection:
                 self.failed_handshakes += 1                     # dying mid-handshake
             else:  # one end has a key and the other not: libzmq will not try again
                 self.failed_handshakes = HANDSHAKE_ATTEMPTS
-
-    def raise_if_refused(self):
-        """Raise AuthenticationError if the worker keeps failing our handshakes."""
-        self.read_events()
         if self.failed_handshakes >= HANDSHAKE_ATTEMPTS:
             raise AuthenticationError(f"the handshake with the worker at {self.address} "
                                       "failed: do both ends use the same key?")
 
-    def send(self, request, timeout):
-        """Send a request's frames, to be answered within timeout seconds (None: no limit)."""
+    def send(self, request):
+        """Send a request's frames; its reply is due within the timeout (None: no limit)."""
         self.read_events()
         self.lost = False  # a disconnect from before this request: the worker is back since
         try:
             self.socket.send_multipart(request, copy=False, flags=zmq.NOBLOCK)
         except zmq.Again:
             self.lost = True  # the worker went away since it was found ready
-        self.timeout = timeout
-        self.deadline = None if timeout is None else time.monotonic() + timeout + TIMEOUT_GRACE_S
+        self.deadline = None if self.timeout is None else time.monotonic() + self.timeout + TIMEOUT_GRACE_S
 
     def raise_if_lost_or_late(self):
         """Raise WorkerLost or TimeoutError if the request in flight can no longer be answered."""
         self.read_events()
-        lost, late = self.lost, self.deadline is not None and time.monotonic() >= self.deadline
-        if not (lost or late):
-            return
-        # REQ sockets only allow send and receive in strict turns, so after a lost or
-        # abandoned request this one is stuck: close it and open a fresh one (the Guide's
-        # "Lazy Pirate"). A late reply goes to the closed socket, never to us.
-        self.close()
-        self.open()
-        if lost:
+        if self.lost:
             raise WorkerLost(f"lost the connection to the worker at {self.address} "
                              "while the task was in flight")
-        raise TimeoutError(f"no reply from the worker at {self.address} within {self.timeout} s")
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise TimeoutError(f"no reply from the worker at {self.address} within {self.timeout} s")
 
 
 class Chunk(Future):
@@ -535,7 +518,7 @@ class Client(Executor):
         self._context = zmq.Context()
         # libzmq allows 1,023 sockets per context unless told; a connection takes three.
         self._context.max_sockets = self._context.get(zmq.SOCKET_LIMIT)
-        self._idle = collections.deque(Connection(self._context, address, self.key)
+        self._idle = collections.deque(Connection(self._context, address, self.key, timeout)
                                        for address in self.addresses)
         # Idle connections whose worker was down when last seen, and when to look again.
         self._down, self._next_look_at_down = [], 0
@@ -546,7 +529,7 @@ class Client(Executor):
 
     def queue(self, fn, /, *args, **kwargs):
         """Run fn(*args, **kwargs) on an idle worker and return its result, or raise its exception."""
-        [chunk] = self._chunks(dumps(fn), [call_of(args, kwargs)], 1)
+        [chunk] = self._chunks(fn, [(args, kwargs)], 1)
         self._run([chunk])  # in this thread: a call costs no thread switch
         [outcome] = chunk.result()
         return result_of(outcome)
@@ -562,8 +545,8 @@ class Client(Executor):
         run as one task. A call that raised raises at its own place in the results."""
         if chunksize < 1:
             raise ValueError(f"chunksize must be at least 1, not {chunksize}")
-        chunks = self._chunks(dumps(fn), [call_of(args, {}) for args in zip(*iterables)], chunksize)
-        self._threads.submit(self._run, chunks)
+        chunks = self._chunks(fn, [(args, {}) for args in zip(*iterables)], chunksize)
+        self._threads.submit(self._run, chunks)  # one thread for all of them
         return results_in_order(chunks, timeout)
 
     def shutdown(self, wait=True, *, cancel_futures=False):
@@ -578,13 +561,15 @@ class Client(Executor):
                 connection.close()
             self._changed.notify_all()
 
-    def _chunks(self, function, calls, chunksize):
-        """Return the requests that run calls of the pickled function, chunksize calls each."""
-        chunks = []
+    def _chunks(self, fn, calls, chunksize):
+        """Return the requests that run calls (args, kwargs) of fn, chunksize calls each."""
+        function, chunks = dumps(fn), []
         for start in range(0, len(calls), chunksize):
+            chunk = [(tuple(map(out_of_band, args)), {k: out_of_band(v) for k, v in kwargs.items()})
+                     for args, kwargs in calls[start:start + chunksize]]
             request_id = os.urandom(8)
-            payload = (calls[start:start + chunksize], self.timeout)
-            chunks.append(Chunk(request_id, pack_message(self.key, request_id, function, payload)))
+            request = pack_message(self.key, request_id, function, (chunk, self.timeout))
+            chunks.append(Chunk(request_id, request))
         return chunks
 
     def _run(self, chunks):
@@ -599,7 +584,7 @@ class Client(Executor):
                     chunk = chunks.popleft()
                     if chunk.start():
                         chunk.attempts += 1
-                        connection.send(chunk.request, self.timeout)
+                        connection.send(chunk.request)
                         in_flight[connection] = chunk
                     else:
                         self._checkin(connection)
@@ -612,21 +597,14 @@ class Client(Executor):
                     if connection.socket not in answered:
                         connection.raise_if_lost_or_late()
                         continue
-                    outcome = self._outcomes(chunk, receive(connection.socket))
+                    reply_id, _, outcome = unpack_message(self.key, receive(connection.socket))
+                    if reply_id != chunk.request_id:
+                        raise RemoteError("the reply answers a different request")
                 except (WorkerLost, TimeoutError, RemoteError) as error:
                     outcome = error
                 del in_flight[connection]
                 self._checkin(connection)
                 self._settle(chunk, outcome, chunks)
-
-    def _outcomes(self, chunk, reply):
-        """Return the outcome of each of a chunk's calls, from its reply's frames."""
-        reply_id, _, outcomes = unpack_message(self.key, reply)
-        if reply_id != chunk.request_id:
-            raise RemoteError("the reply answers a different request")
-        if not isinstance(outcomes, list):  # the worker could not read the request
-            raise RemoteError(outcomes[1])
-        return outcomes
 
     def _settle(self, chunk, outcome, chunks):
         """Give a chunk its outcomes, or its error; after WorkerLost, maybe queue it again."""
@@ -643,11 +621,11 @@ class Client(Executor):
 
     def _checkout(self, count, wait):
         """Take up to count idle connections whose workers are up; if wait, at least one."""
-        connections, nobody_up_since, delay, warned = [], None, 0.001, False
+        connections, nobody_up_since, delay, warned = [], time.monotonic(), 0.001, False
         with self._changed:
             while True:
                 # Asking a socket whether it is ready takes microseconds: with hundreds of
-                # workers down, looking at them all on every call would take milliseconds.
+                # workers down, looking at them all for every call would take milliseconds.
                 if time.monotonic() >= self._next_look_at_down:
                     self._idle.extend(self._down)
                     self._down.clear()
@@ -659,29 +637,24 @@ class Client(Executor):
                     return connections
                 if self._closed:
                     raise RuntimeError("cannot run a task on a Client that was shut down")
-                # With every connection idle and none ready, no worker is up: that wait counts
-                # against the timeout. Waiting for a busy worker to finish does not.
+                # Time with no worker up counts against the timeout; waiting for a busy one
+                # to finish does not.
                 if len(self._idle) + len(self._down) < len(self.addresses):
-                    nobody_up_since = None
+                    nobody_up_since = time.monotonic()
                 else:
-                    nobody_up_since = nobody_up_since or time.monotonic()
-                    waited = time.monotonic() - nobody_up_since
                     for connection in self._down:
-                        connection.raise_if_refused()
-                    if self.timeout is not None and waited >= self.timeout:
-                        raise TimeoutError(f"no worker came up at {self._named_addresses()} "
-                                           f"within {self.timeout} s")
-                    if waited >= WAITING_WARNING_S and not warned:
-                        log.warning("waiting for a worker to come up at %s", self._named_addresses())
-                        warned = True
+                        connection.read_events()  # raises if the worker refused our key
+                waited, workers = time.monotonic() - nobody_up_since, self.addresses[0]
+                if len(self.addresses) > 1:
+                    workers += f" and {len(self.addresses) - 1} more"
+                if self.timeout is not None and waited >= self.timeout:
+                    raise TimeoutError(f"no worker came up at {workers} within {self.timeout} s")
+                if waited >= WAITING_WARNING_S and not warned:
+                    log.warning("waiting for a worker to come up at %s", workers)
+                    warned = True
                 # Checkins notify; a worker coming up does not, so look again soon.
                 self._changed.wait(delay)
-                delay = min(delay * 2, 0.1)
-
-    def _named_addresses(self):
-        """Return the workers' addresses for a message: all of a few, the first of many."""
-        more = len(self.addresses) - 3
-        return ", ".join(self.addresses[:3]) + (f" and {more} more" if more > 0 else "")
+                delay = min(delay * 2, CHECK_INTERVAL_MS / 1000)
 
     def _checkin(self, connection):
         """Return a connection to the idle ones, or close it if the Client was shut down."""
@@ -693,17 +666,17 @@ class Client(Executor):
                 self._changed.notify()
 
 
-def results_in_order(futures, timeout):
+def results_in_order(chunks, timeout):
     """Yield the result of each call of each chunk in turn, raising a call's exception at its
     place; all within timeout seconds. Cancel the chunks not yet run if the caller stops."""
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
-        for future in futures:
-            for outcome in future.result(None if deadline is None else deadline - time.monotonic()):
+        for chunk in chunks:
+            for outcome in chunk.result(None if deadline is None else deadline - time.monotonic()):
                 yield result_of(outcome)
     finally:
-        for future in futures:
-            future.cancel()
+        for chunk in chunks:
+            chunk.cancel()
 
 
 def expand_ports(address):
@@ -758,7 +731,10 @@ class Supervisor:
                 self.spawn_worker(listener, delay=0)
             while not self.stopping.is_set():
                 self.replace_dead_workers()
-        self.stop_workers()
+        for _, process, _, _ in self.workers.values():
+            process.terminate()  # SIGTERM: each finishes its task, closes its socket, exits
+        for _, process, _, _ in self.workers.values():
+            process.join()
 
     def stop(self, *signal_args):
         """Make run() stop the workers and return."""
@@ -788,13 +764,6 @@ class Supervisor:
             log.warning("worker %d on port %d %s; starting another in %.1f s", process.pid,
                         listener.getsockname()[1], how, delay)
             self.spawn_worker(listener, delay)
-
-    def stop_workers(self):
-        """Stop every worker: each finishes its task, closes its socket and exits."""
-        for _, process, _, _ in self.workers.values():
-            process.terminate()  # SIGTERM
-        for _, process, _, _ in self.workers.values():
-            process.join()
 
 
 def run_worker(options, delay):

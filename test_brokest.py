@@ -910,7 +910,7 @@ def test_a_malformed_port_range_is_a_value_error(address):
 ], ids=["one-garbage-frame", "too-few-frames", "truncated-pickle", "raises-while-loading",
         "not-a-call", "function-raises-while-loading", "time-limit-not-a-number"])
 def test_bad_request_gets_an_error_reply_and_the_worker_keeps_serving(worker, make_client, frames):
-    request_id, _, (kind, message) = brokest.unpack_message(None, raw_request(worker.address, frames))
+    request_id, _, [(kind, message)] = brokest.unpack_message(None, raw_request(worker.address, frames))
     assert kind == "error" and message.startswith("request rejected")
     assert worker.wait_for_log("rejected a request")
     assert make_client(worker.address, timeout=10).queue(add, 1, 2) == 3
@@ -935,7 +935,7 @@ def test_request_with_a_bad_signature_is_never_unpickled(start_worker, make_clie
     marker = tmp_path / "unpickled"
     reply = raw_request(worker.address, [signature, b"id", pickle.dumps(add),
                                          pickle.dumps(CreatesFileWhenUnpickled(marker))], key=KEY)
-    _, _, (kind, message) = brokest.unpack_message(KEY.encode(), reply)
+    _, _, [(kind, message)] = brokest.unpack_message(KEY.encode(), reply)
     assert kind == "error" and "signature did not verify" in message
     assert not marker.exists()
     assert make_client(worker.address, key=KEY, timeout=10).queue(add, 1, 2) == 3
@@ -945,7 +945,7 @@ def test_request_signed_with_another_key_is_never_unpickled(start_worker, tmp_pa
     worker = start_worker(env={"BROKEST_KEY": KEY})
     marker = tmp_path / "unpickled"
     forged = brokest.pack_message(b"another key", b"id", pickle.dumps(add), CreatesFileWhenUnpickled(marker))
-    _, _, (kind, message) = brokest.unpack_message(KEY.encode(), raw_request(worker.address, forged, key=KEY))
+    _, _, [(kind, message)] = brokest.unpack_message(KEY.encode(), raw_request(worker.address, forged, key=KEY))
     assert kind == "error" and "signature did not verify" in message
     assert not marker.exists()
 
