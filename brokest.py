@@ -417,6 +417,7 @@ class Connection:
         self.socket = context.socket(zmq.REQ)
         self.socket.linger = 0     # closing drops an unsent request at once, never blocks
         self.socket.immediate = 1  # a request waits for a live connection, its handshake done
+        self.socket.rcvtimeo = CHECK_INTERVAL_MS
         # A request that was lost, or abandoned when its time was up, leaves a REQ socket stuck
         # in mid-conversation (the Guide's "Lazy Pirate" closes and reopens it). Relaxed, it
         # sends anew; correlated, it drops the late reply to an abandoned request.
@@ -463,37 +464,34 @@ class Connection:
             raise AuthenticationError(f"the handshake with the worker at {self.address} "
                                       "failed: do both ends use the same key?")
 
-    def send(self, request):
-        """Send a request's frames; its reply is due within the timeout (None: no limit)."""
+    def round_trip(self, request):
+        """Send a request's frames and return the reply's; raise WorkerLost or TimeoutError."""
         self.read_events()
         self.lost = False  # a disconnect from before this request: the worker is back since
         try:
             self.socket.send_multipart(request, copy=False, flags=zmq.NOBLOCK)
         except zmq.Again:
             self.lost = True  # the worker went away since it was found ready
-        self.deadline = None if self.timeout is None else time.monotonic() + self.timeout + TIMEOUT_GRACE_S
-
-    def raise_if_lost_or_late(self):
-        """Raise WorkerLost or TimeoutError if the request in flight can no longer be answered."""
-        self.read_events()
-        if self.lost:
-            raise WorkerLost(f"lost the connection to the worker at {self.address} "
-                             "while the task was in flight")
-        if self.deadline is not None and time.monotonic() >= self.deadline:
-            raise TimeoutError(f"no reply from the worker at {self.address} within {self.timeout} s")
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout + TIMEOUT_GRACE_S
+        while True:
+            try:
+                return receive(self.socket)  # waits up to CHECK_INTERVAL_MS
+            except zmq.Again:
+                self.read_events()
+            if self.lost:
+                raise WorkerLost(f"lost the connection to the worker at {self.address} "
+                                 "while the task was in flight")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"no reply from the worker at {self.address} within {self.timeout} s")
 
 
 class Chunk(Future):
     """Calls of one function that travel and run together as one request: a future whose
-    result is their outcomes, or whose exception is what ended the request."""
+    result is their outcomes."""
 
     def __init__(self, request_id, request):
         super().__init__()
-        self.request_id, self.request, self.attempts = request_id, request, 0
-
-    def start(self):
-        """Mark the chunk running; return False if it was cancelled (its map was abandoned)."""
-        return self.running() or self.set_running_or_notify_cancel()
+        self.request_id, self.request = request_id, request
 
 
 class Client(Executor):
@@ -524,14 +522,13 @@ class Client(Executor):
         self._down, self._next_look_at_down = [], 0
         self._changed = threading.Condition()
         self._closed = False
-        # submit() runs queue() on these threads, and each map() runs all its chunks on one.
+        # submit() runs queue() on these threads; a map() runs its chunks on up to one a worker.
         self._threads = ThreadPoolExecutor(len(self.addresses), thread_name_prefix="brokest")
 
     def queue(self, fn, /, *args, **kwargs):
         """Run fn(*args, **kwargs) on an idle worker and return its result, or raise its exception."""
         [chunk] = self._chunks(fn, [(args, kwargs)], 1)
-        self._run([chunk])  # in this thread: a call costs no thread switch
-        [outcome] = chunk.result()
+        [outcome] = self._run(chunk)  # in this thread: a call costs no thread switch
         return result_of(outcome)
 
     def submit(self, fn, /, *args, **kwargs):
@@ -546,7 +543,11 @@ class Client(Executor):
         if chunksize < 1:
             raise ValueError(f"chunksize must be at least 1, not {chunksize}")
         chunks = self._chunks(fn, [(args, {}) for args in zip(*iterables)], chunksize)
-        self._threads.submit(self._run, chunks)  # one thread for all of them
+        waiting = collections.deque(chunks)
+        # A thread for each worker takes the next chunk when its last one is done: no item is
+        # handed to a thread of its own, and none waits behind a slow one while a worker is idle.
+        for _ in range(min(len(chunks), len(self.addresses))):
+            self._threads.submit(self._run_each, waiting)
         return results_in_order(chunks, timeout)
 
     def shutdown(self, wait=True, *, cancel_futures=False):
@@ -572,81 +573,65 @@ class Client(Executor):
             chunks.append(Chunk(request_id, request))
         return chunks
 
-    def _run(self, chunks):
-        """Run chunks, each on an idle worker, as many at once as there are; settle each one.
-
-        One thread drives them all: it sends a chunk to every idle worker that is up, waits
-        for any of them to answer, and gives the next chunk to whichever worker answered."""
-        chunks, in_flight = collections.deque(chunks), {}  # connection -> chunk
-        while chunks or in_flight:
+    def _run_each(self, chunks):
+        """Run chunks from a map's queue, one after another, until none is left."""
+        while True:
             try:
-                for connection in self._checkout(len(chunks), wait=not in_flight):
-                    chunk = chunks.popleft()
-                    if chunk.start():
-                        chunk.attempts += 1
-                        connection.send(chunk.request)
-                        in_flight[connection] = chunk
-                    else:
-                        self._checkin(connection)
-            except (TimeoutError, RemoteError, RuntimeError) as error:  # no worker will come
-                while chunks:
-                    self._settle(chunks.popleft(), error, chunks)
-            answered, _, _ = zmq.select([c.socket for c in in_flight], [], [], CHECK_INTERVAL_MS / 1000)
-            for connection, chunk in list(in_flight.items()):
+                chunk = chunks.popleft()
+            except IndexError:  # another of the map's threads took the last one
+                return
+            if chunk.set_running_or_notify_cancel():  # else the map's caller stopped iterating
                 try:
-                    if connection.socket not in answered:
-                        connection.raise_if_lost_or_late()
-                        continue
-                    reply_id, _, outcome = unpack_message(self.key, receive(connection.socket))
-                    if reply_id != chunk.request_id:
-                        raise RemoteError("the reply answers a different request")
-                except (WorkerLost, TimeoutError, RemoteError) as error:
-                    outcome = error
-                del in_flight[connection]
+                    chunk.set_result(self._run(chunk))
+                except Exception as error:
+                    chunk.set_exception(error)
+
+    def _run(self, chunk):
+        """Run a chunk on an idle worker and return its outcomes; after WorkerLost, send it
+        again while retries last (to another worker, when there is one)."""
+        for attempt in range(self.retries + 1):
+            connection = self._checkout()
+            try:
+                reply = connection.round_trip(chunk.request)
+                break
+            except WorkerLost as lost:
+                if attempt == self.retries:
+                    raise
+                log.warning("%s; sending the task again (retry %d of %d)", lost, attempt + 1,
+                            self.retries)
+            finally:
                 self._checkin(connection)
-                self._settle(chunk, outcome, chunks)
+        reply_id, _, outcomes = unpack_message(self.key, reply)
+        if reply_id != chunk.request_id:
+            raise RemoteError("the reply answers a different request")
+        return outcomes
 
-    def _settle(self, chunk, outcome, chunks):
-        """Give a chunk its outcomes, or its error; after WorkerLost, maybe queue it again."""
-        if isinstance(outcome, WorkerLost) and chunk.attempts <= self.retries:
-            log.warning("%s; sending the task again (retry %d of %d)", outcome, chunk.attempts,
-                        self.retries)
-            chunks.appendleft(chunk)
-        elif not chunk.start():
-            return  # cancelled before it was sent
-        elif isinstance(outcome, BaseException):
-            chunk.set_exception(outcome)
-        else:
-            chunk.set_result(outcome)
-
-    def _checkout(self, count, wait):
-        """Take up to count idle connections whose workers are up; if wait, at least one."""
-        connections, nobody_up_since, delay, warned = [], time.monotonic(), 0.001, False
+    def _checkout(self):
+        """Take an idle connection whose worker is up, waiting while there is none."""
+        nobody_up_since, delay, warned = time.monotonic(), 0.001, False
         with self._changed:
             while True:
+                if self._closed:
+                    raise RuntimeError("cannot run a task on a Client that was shut down")
                 # Asking a socket whether it is ready takes microseconds: with hundreds of
                 # workers down, looking at them all for every call would take milliseconds.
                 if time.monotonic() >= self._next_look_at_down:
                     self._idle.extend(self._down)
                     self._down.clear()
                     self._next_look_at_down = time.monotonic() + CHECK_INTERVAL_MS / 1000
-                while self._idle and len(connections) < count:
+                while self._idle:
                     connection = self._idle.popleft()
-                    (connections if connection.is_ready() else self._down).append(connection)
-                if connections or not wait or not count:
-                    return connections
-                if self._closed:
-                    raise RuntimeError("cannot run a task on a Client that was shut down")
+                    if connection.is_ready():
+                        return connection
+                    self._down.append(connection)
                 # Time with no worker up counts against the timeout; waiting for a busy one
                 # to finish does not.
-                if len(self._idle) + len(self._down) < len(self.addresses):
+                if len(self._down) < len(self.addresses):
                     nobody_up_since = time.monotonic()
                 else:
                     for connection in self._down:
-                        connection.read_events()  # raises if the worker refused our key
-                waited, workers = time.monotonic() - nobody_up_since, self.addresses[0]
-                if len(self.addresses) > 1:
-                    workers += f" and {len(self.addresses) - 1} more"
+                        connection.read_events()  # raises if a worker keeps refusing our key
+                waited, workers = time.monotonic() - nobody_up_since, ", ".join(self.addresses[:3])
                 if self.timeout is not None and waited >= self.timeout:
                     raise TimeoutError(f"no worker came up at {workers} within {self.timeout} s")
                 if waited >= WAITING_WARNING_S and not warned:
@@ -672,8 +657,7 @@ def results_in_order(chunks, timeout):
     deadline = None if timeout is None else time.monotonic() + timeout
     try:
         for chunk in chunks:
-            for outcome in chunk.result(None if deadline is None else deadline - time.monotonic()):
-                yield result_of(outcome)
+            yield from map(result_of, chunk.result(None if deadline is None else deadline - time.monotonic()))
     finally:
         for chunk in chunks:
             chunk.cancel()
@@ -773,13 +757,13 @@ def run_worker(options, delay):
     time.sleep(delay)
     faulthandler.enable()  # a task that crashes the process leaves its traceback in the log
     worker = Worker(**options)
-    threading.Thread(target=stop_when_orphaned, args=(worker, os.getppid()), daemon=True).start()
+    threading.Thread(target=stop_when_orphaned, args=(worker,), daemon=True).start()
     worker.start()
 
 
-def stop_when_orphaned(worker, supervisor):
+def stop_when_orphaned(worker):
     """Stop worker once its supervisor is gone: killed, it could neither stop nor replace us."""
-    while os.getppid() == supervisor:
+    while os.getppid() == multiprocessing.parent_process().pid:  # the pid we were forked by
         time.sleep(1)
     worker.stop()
 

@@ -326,10 +326,10 @@ class WorkerProcess:
 
     def stop(self):
         """Kill the supervisor and every worker it started, each by its pid."""
-        for pid, _ in self.listening:
-            if parent_of(pid) == self.process.pid:
-                os.kill(pid, signal.SIGKILL)
         if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGSTOP)  # it starts no new worker meanwhile
+            for pid in children_of(self.process.pid):
+                os.kill(pid, signal.SIGKILL)
             self.process.kill()
         self.process.wait(10)
 
@@ -1166,6 +1166,12 @@ def test_app_stops_its_workers_on_ctrl_c():
     finally:
         for pid in filter(parent_of, workers):
             os.kill(pid, signal.SIGKILL)
+
+
+def children_of(pid):
+    """Return the pids of a running process's children."""
+    return [int(child) for task in os.listdir(f"/proc/{pid}/task")
+            for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
 
 
 def parent_of(pid):
