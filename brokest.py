@@ -374,13 +374,14 @@ class Worker:
             # One error outcome for the request: it raises at the first of its calls.
             reply = pack_message(self.key, request_id, b"", [("error", f"request rejected: {error}")])
             return reply, (logging.WARNING, "rejected a request: %s", error)
-        deadline = None  # SIGALRM's handler runs in the main thread: only there can we stop a task
-        if limits and threading.current_thread() is threading.main_thread():
-            deadline = time.monotonic() + min(limits)
+        # SIGALRM's handler runs in the main thread: only there can a time limit stop a task.
+        limit = min(limits) if limits and threading.current_thread() is threading.main_thread() else None
+        deadline = None if limit is None else time.monotonic() + limit
+        if limit is not None:
             # A task that catches its TimeoutError, or is stuck in C code holding the GIL, is
             # ended with this process: faulthandler's watchdog is a C thread that needs no GIL,
             # and it first prints where the task was stuck. The supervisor starts another.
-            faulthandler.dump_traceback_later(min(limits) + HARD_LIMIT_GRACE_S, exit=True)
+            faulthandler.dump_traceback_later(limit + HARD_LIMIT_GRACE_S, exit=True)
         outcomes = [run_task(fn, call, deadline) for call in calls]
         faulthandler.cancel_dump_traceback_later()
         try:
@@ -461,8 +462,7 @@ class Connection:
             else:  # one end has a key and the other not: libzmq will not try again
                 self.failed_handshakes = HANDSHAKE_ATTEMPTS
         if self.failed_handshakes >= HANDSHAKE_ATTEMPTS:
-            raise AuthenticationError(f"the handshake with the worker at {self.address} "
-                                      "failed: do both ends use the same key?")
+            raise AuthenticationError(f"handshake with {self.address} failed: do both ends use the same key?")
 
     def round_trip(self, request):
         """Send a request's frames and return the reply's; raise WorkerLost or TimeoutError."""
@@ -479,8 +479,7 @@ class Connection:
             except zmq.Again:
                 self.read_events()
             if self.lost:
-                raise WorkerLost(f"lost the connection to the worker at {self.address} "
-                                 "while the task was in flight")
+                raise WorkerLost(f"lost the worker at {self.address} while the task was in flight")
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"no reply from the worker at {self.address} within {self.timeout} s")
 
@@ -543,9 +542,9 @@ class Client(Executor):
         if chunksize < 1:
             raise ValueError(f"chunksize must be at least 1, not {chunksize}")
         chunks = self._chunks(fn, [(args, {}) for args in zip(*iterables)], chunksize)
-        waiting = collections.deque(chunks)
         # A thread for each worker takes the next chunk when its last one is done: no item is
         # handed to a thread of its own, and none waits behind a slow one while a worker is idle.
+        waiting = iter(chunks)  # next() on a list's iterator is atomic: the threads can share it
         for _ in range(min(len(chunks), len(self.addresses))):
             self._threads.submit(self._run_each, waiting)
         return results_in_order(chunks, timeout)
@@ -574,12 +573,8 @@ class Client(Executor):
         return chunks
 
     def _run_each(self, chunks):
-        """Run chunks from a map's queue, one after another, until none is left."""
-        while True:
-            try:
-                chunk = chunks.popleft()
-            except IndexError:  # another of the map's threads took the last one
-                return
+        """Run chunks from an iterator that a map's threads share, until none is left."""
+        for chunk in chunks:
             if chunk.set_running_or_notify_cancel():  # else the map's caller stopped iterating
                 try:
                     chunk.set_result(self._run(chunk))
@@ -738,10 +733,8 @@ class Supervisor:
         for sentinel in multiprocessing.connection.wait(self.workers, CHECK_INTERVAL_MS / 1000):
             listener, process, serving_since, delay = self.workers.pop(sentinel)
             process.join()
-            if time.monotonic() - serving_since < 1:  # it died young: wait longer each time
-                delay = min(max(2 * delay, RESTART_DELAY_S), RESTART_DELAY_MAX_S)
-            else:
-                delay = 0
+            died_young = time.monotonic() - serving_since < 1  # then wait longer each time
+            delay = min(max(2 * delay, RESTART_DELAY_S), RESTART_DELAY_MAX_S) if died_young else 0
             code = process.exitcode
             how = (f"was killed by {signal.Signals(-code).name}" if code < 0
                    else f"exited with status {code}")
@@ -788,18 +781,14 @@ def configure_logging(level):
 
 def main(argv=None):
     """Start workers as the command line says; return when they have stopped."""
-    parser = argparse.ArgumentParser(prog="brokest", description="Start brokest workers, which "
-                                     "run the functions clients send them, until Ctrl-C or SIGTERM.")
+    parser = argparse.ArgumentParser(prog="brokest", description="Start brokest workers.")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
     parser.add_argument("--port", type=int, default=9090, help="first port; 0: any free (%(default)s)")
-    parser.add_argument("--processes", type=int, default=1, metavar="N",
-                        help="run N worker processes, on ports PORT..PORT+N-1")
-    parser.add_argument("--time-limit", type=float, metavar="S",
-                        help="stop any task that runs longer than S seconds")
+    parser.add_argument("--processes", type=int, default=1, metavar="N", help="on ports PORT..PORT+N-1")
+    parser.add_argument("--time-limit", type=float, metavar="S", help="stop tasks running longer")
     parser.add_argument("--key-file", metavar="F", help="file with the key (default: $BROKEST_KEY)")
     parser.add_argument("--insecure", action="store_true", help="allow any --host without a key")
-    parser.add_argument("--max-message-size", type=int, metavar="BYTES",
-                        help="disconnect peers that send a larger frame")
+    parser.add_argument("--max-message-size", type=int, metavar="BYTES", help="drop larger frames")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more")
     parser.add_argument("-q", "--quiet", action="count", default=0, help="log less")
     args = parser.parse_args(argv)
