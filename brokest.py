@@ -47,7 +47,6 @@ import collections
 import contextlib
 import faulthandler
 import functools
-import hashlib
 import hmac
 import ipaddress
 import logging
@@ -58,7 +57,7 @@ import signal
 import threading
 import time
 import traceback
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from socket import create_server
 
@@ -129,7 +128,7 @@ def sign(key, frames):
     """Return the signature of frames under key, or b"" when there is no key."""
     if key is None:
         return b""
-    mac = hmac.new(key, digestmod=hashlib.sha256)
+    mac = hmac.new(key, digestmod="sha256")
     for frame in frames:
         # Signing each length too means no bytes can slide across a frame boundary unseen.
         mac.update(len(frame).to_bytes(8, "big"))
@@ -328,9 +327,14 @@ class Worker:
     def start(self):
         """Bind, then serve requests until stop(), SIGINT or SIGTERM; a running task finishes first."""
         # A context of its own: closing a socket frees its port later, in the background;
-        # terminating its context waits until that is done, so the port is free on return.
-        context = zmq.Context()
-        socket = context.socket(zmq.REP)
+        # terminating its context (leaving the with) waits until that is done, so the port is
+        # free when start() returns.
+        with zmq.Context() as context, context.socket(zmq.REP) as socket:
+            self.serve(socket)
+        log.info("worker %d on %s stopped", os.getpid(), self.address)
+
+    def serve(self, socket):
+        """Bind socket, then answer requests on it until stop(), SIGINT or SIGTERM."""
         socket.linger = 0
         socket.rcvtimeo = CHECK_INTERVAL_MS
         socket.use_fd = self.fd
@@ -340,23 +344,18 @@ class Worker:
             socket.curve_secretkey = curve_secret_key(self.key)
         handlers = {signal.SIGINT: self.stop, signal.SIGTERM: self.stop,
                     signal.SIGALRM: raise_time_limit}
-        try:
-            with signal_handlers(handlers):  # before we say we listen: a signal may follow
-                socket.bind(f"tcp://{self.host}:{self.port or '*'}")
-                self.address = socket.last_endpoint.decode()
-                log.info("worker %d listening on %s", os.getpid(), self.address)
-                while not self._stopping.is_set():
-                    try:
-                        request = receive(socket)
-                    except zmq.Again:
-                        continue
-                    reply, log_line = self.answer(request)
-                    socket.send_multipart(reply, copy=False)
-                    log.log(*log_line)  # after the reply: the caller need not wait for it
-        finally:
-            socket.close()
-            context.term()
-        log.info("worker %d on %s stopped", os.getpid(), self.address)
+        with signal_handlers(handlers):  # before we say we listen: a signal may follow
+            socket.bind(f"tcp://{self.host}:{self.port or '*'}")
+            self.address = socket.last_endpoint.decode()
+            log.info("worker %d listening on %s", os.getpid(), self.address)
+            while not self._stopping.is_set():
+                try:
+                    request = receive(socket)
+                except zmq.Again:
+                    continue
+                reply, log_line = self.answer(request)
+                socket.send_multipart(reply, copy=False)
+                log.log(*log_line)  # after the reply: the caller need not wait for it
 
     def stop(self, *signal_args):
         """Make start() return within about CHECK_INTERVAL_MS; callable from any thread, once."""
@@ -444,10 +443,6 @@ class Connection:
         self.monitor.close()
         self.socket.close()
 
-    def is_ready(self):
-        """Return whether a worker is connected, so that a request can be sent at once."""
-        return bool(self.socket.get(zmq.EVENTS) & POLLOUT)
-
     def read_events(self):
         """Take in what the monitor reported; raise AuthenticationError if the worker keeps
         failing our handshakes."""
@@ -484,15 +479,6 @@ class Connection:
                 raise TimeoutError(f"no reply from the worker at {self.address} within {self.timeout} s")
 
 
-class Chunk(Future):
-    """Calls of one function that travel and run together as one request: a future whose
-    result is their outcomes."""
-
-    def __init__(self, request_id, request):
-        super().__init__()
-        self.request_id, self.request = request_id, request
-
-
 class Client(Executor):
     """Runs tasks on workers, each worker at most one task at a time; safe to share among threads.
 
@@ -521,13 +507,13 @@ class Client(Executor):
         self._down, self._next_look_at_down = [], 0
         self._changed = threading.Condition()
         self._closed = False
-        # submit() runs queue() on these threads; a map() runs its chunks on up to one a worker.
+        # submit() runs queue() on these threads, map() its chunks: as many as there are workers.
         self._threads = ThreadPoolExecutor(len(self.addresses), thread_name_prefix="brokest")
 
     def queue(self, fn, /, *args, **kwargs):
         """Run fn(*args, **kwargs) on an idle worker and return its result, or raise its exception."""
-        [chunk] = self._chunks(fn, [(args, kwargs)], 1)
-        [outcome] = self._run(chunk)  # in this thread: a call costs no thread switch
+        [request] = self._requests(fn, [(args, kwargs)], 1)
+        [outcome] = self._run(request)  # in this thread: a call costs no thread switch
         return result_of(outcome)
 
     def submit(self, fn, /, *args, **kwargs):
@@ -541,12 +527,10 @@ class Client(Executor):
         run as one task. A call that raised raises at its own place in the results."""
         if chunksize < 1:
             raise ValueError(f"chunksize must be at least 1, not {chunksize}")
-        chunks = self._chunks(fn, [(args, {}) for args in zip(*iterables)], chunksize)
-        # A thread for each worker takes the next chunk when its last one is done: no item is
-        # handed to a thread of its own, and none waits behind a slow one while a worker is idle.
-        waiting = iter(chunks)  # next() on a list's iterator is atomic: the threads can share it
-        for _ in range(min(len(chunks), len(self.addresses))):
-            self._threads.submit(self._run_each, waiting)
+        requests = self._requests(fn, [(args, {}) for args in zip(*iterables)], chunksize)
+        # The pool's threads take the requests in order, each when its last one is done: with
+        # a thread per worker, none waits behind a slow task while a worker is idle.
+        chunks = [self._threads.submit(self._run, request) for request in requests]
         return results_in_order(chunks, timeout)
 
     def shutdown(self, wait=True, *, cancel_futures=False):
@@ -561,33 +545,22 @@ class Client(Executor):
                 connection.close()
             self._changed.notify_all()
 
-    def _chunks(self, fn, calls, chunksize):
+    def _requests(self, fn, calls, chunksize):
         """Return the requests that run calls (args, kwargs) of fn, chunksize calls each."""
-        function, chunks = dumps(fn), []
+        function, requests = dumps(fn), []
         for start in range(0, len(calls), chunksize):
             chunk = [(tuple(map(out_of_band, args)), {k: out_of_band(v) for k, v in kwargs.items()})
                      for args, kwargs in calls[start:start + chunksize]]
-            request_id = os.urandom(8)
-            request = pack_message(self.key, request_id, function, (chunk, self.timeout))
-            chunks.append(Chunk(request_id, request))
-        return chunks
+            requests.append(pack_message(self.key, os.urandom(8), function, (chunk, self.timeout)))
+        return requests
 
-    def _run_each(self, chunks):
-        """Run chunks from an iterator that a map's threads share, until none is left."""
-        for chunk in chunks:
-            if chunk.set_running_or_notify_cancel():  # else the map's caller stopped iterating
-                try:
-                    chunk.set_result(self._run(chunk))
-                except Exception as error:
-                    chunk.set_exception(error)
-
-    def _run(self, chunk):
-        """Run a chunk on an idle worker and return its outcomes; after WorkerLost, send it
+    def _run(self, request):
+        """Send a request to an idle worker and return its outcomes; after WorkerLost, send it
         again while retries last (to another worker, when there is one)."""
         for attempt in range(self.retries + 1):
             connection = self._checkout()
             try:
-                reply = connection.round_trip(chunk.request)
+                reply = connection.round_trip(request)
                 break
             except WorkerLost as lost:
                 if attempt == self.retries:
@@ -597,7 +570,7 @@ class Client(Executor):
             finally:
                 self._checkin(connection)
         reply_id, _, outcomes = unpack_message(self.key, reply)
-        if reply_id != chunk.request_id:
+        if reply_id != request[1]:  # the request id, the frame after the signature
             raise RemoteError("the reply answers a different request")
         return outcomes
 
@@ -616,14 +589,15 @@ class Client(Executor):
                     self._next_look_at_down = time.monotonic() + CHECK_INTERVAL_MS / 1000
                 while self._idle:
                     connection = self._idle.popleft()
-                    if connection.is_ready():
+                    if connection.socket.get(zmq.EVENTS) & POLLOUT:  # connected, handshake done
                         return connection
                     self._down.append(connection)
                 # Time with no worker up counts against the timeout; waiting for a busy one
                 # to finish does not.
                 if len(self._down) < len(self.addresses):
                     nobody_up_since = time.monotonic()
-                else:
+                else:  # nobody is up: look at them all again next time, not in 100 ms
+                    self._next_look_at_down = 0
                     for connection in self._down:
                         connection.read_events()  # raises if a worker keeps refusing our key
                 waited, workers = time.monotonic() - nobody_up_since, ", ".join(self.addresses[:3])
