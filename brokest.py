@@ -20,9 +20,9 @@ socket. Requests and replies have the same frames:
               keeps the functions it unpickled last; a reply leaves this frame empty
   calls       [(args, kwargs), ...]: one call for queue() and submit(), chunksize for map()
   time limit  the client's timeout: the worker stops a call that runs longer (None: no limit)
-  pickle      protocol 5: plain pickle where everything can be found by name, cloudpickle
-              (code by value) where not; large buffers (numpy arrays, big bytes) leave the
-              pickle and travel as [buffer] frames of their own, without being copied
+  pickle      cloudpickle, protocol 5: by name what the other side can import, by value
+              what it cannot (a lambda, code from __main__); large buffers (numpy arrays,
+              big bytes) leave the pickle and travel as [buffer] frames of their own, uncopied
   outcome     ("result", value) | ("exception", (exception, traceback text)) | ("error", message)
   CurveZMQ    the worker's CURVE secret key is z85(HMAC-SHA256(key, b"brokest curve server
               key")); a client knows its public key and brings a fresh keypair of its own
@@ -140,28 +140,9 @@ def pack_message(key, request_id, function, payload):
     """Return the signed frames of a message: the pickled function (or b""), then payload's
     pickle, its large buffers as frames of their own."""
     buffers = []
-    body = dumps(payload, buffers)
+    body = cloudpickle.dumps(payload, protocol=5, buffer_callback=buffers.append)
     frames = [request_id, function, body, *(buffer.raw() for buffer in buffers)]
     return [sign(key, frames), *frames]
-
-
-def dumps(value, buffers=None):
-    """Return the protocol-5 pickle of value; large buffers go to the list buffers, if given."""
-    callback = None if buffers is None else buffers.append
-    # Plain pickle is several times faster than cloudpickle, and writes the same bytes when
-    # everything in value can be found by name on the other side. When it cannot (a lambda,
-    # a nested function, anything from __main__, a module registered to go by value), pickle
-    # fails or names __main__, and cloudpickle sends that code by value instead.
-    if not cloudpickle.list_registry_pickle_by_value():
-        try:
-            body = pickle.dumps(value, protocol=5, buffer_callback=callback)
-            if b"__main__" not in body:
-                return body
-        except (pickle.PicklingError, TypeError, AttributeError):
-            pass
-        if buffers:
-            buffers.clear()
-    return cloudpickle.dumps(value, protocol=5, buffer_callback=callback)
 
 
 def unpack_message(key, frames):
@@ -248,7 +229,7 @@ def raise_time_limit(signum, frame):
 def picklable(outcome):
     """Return outcome if it can be pickled, else the error outcome that says why not."""
     try:
-        dumps(outcome, [])
+        cloudpickle.dumps(outcome, protocol=5)
         return outcome
     except Exception as error:
         kind, value = outcome
@@ -306,21 +287,17 @@ class Worker:
     insecure: allow a host other than loopback without a key (anyone reaching it can run code).
     time_limit: the most seconds a task may run here; a client's timeout may make it shorter.
         Enforced when start() runs in the main thread, where SIGALRM's handler runs.
-    max_message_size: the largest frame accepted, in bytes; a peer sending a larger one is
-        disconnected by ZeroMQ before the frame is read into memory.
     fd: a listening TCP socket to serve on instead of binding anew (-1: none); a supervisor
         keeps the port open this way while it replaces the worker.
     """
 
     def __init__(self, host="127.0.0.1", port=9090, *, key=None, insecure=False,
-                 time_limit=None, max_message_size=None, fd=-1):
+                 time_limit=None, fd=-1):
         self.key = as_key(key)
         if self.key is None and not insecure and not is_loopback(host):
-            raise ValueError(f"refusing to listen on {host} without a key: anyone reaching it "
-                             "could run any code as this user. Pass --key-file F (key=...), or "
-                             "--insecure (insecure=True) to accept the risk")
-        self.host, self.port, self.time_limit = host, port, time_limit
-        self.max_message_size, self.fd = max_message_size, fd
+            raise ValueError(f"refusing to listen on {host} without a key: anyone reaching it could "
+                             "run any code. Use --key-file F (key=...), or --insecure to accept the risk")
+        self.host, self.port, self.time_limit, self.fd = host, port, time_limit, fd
         self.address = None
         self._stopping = threading.Event()
 
@@ -338,7 +315,6 @@ class Worker:
         socket.linger = 0
         socket.rcvtimeo = CHECK_INTERVAL_MS
         socket.use_fd = self.fd
-        socket.maxmsgsize = self.max_message_size or -1
         if self.key:
             socket.curve_server = True
             socket.curve_secretkey = curve_secret_key(self.key)
@@ -397,8 +373,7 @@ class Worker:
 def signal_handlers(handlers):
     """Within the block, signals call their handlers (only the main thread can set handlers)."""
     if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+        handlers = {}
     previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
     try:
         yield
@@ -439,9 +414,8 @@ class Connection:
 
     def close(self):
         """Close the socket and its monitor."""
-        self.socket.disable_monitor()
-        self.monitor.close()
         self.socket.close()
+        self.monitor.close()
 
     def read_events(self):
         """Take in what the monitor reported; raise AuthenticationError if the worker keeps
@@ -547,7 +521,9 @@ class Client(Executor):
 
     def _requests(self, fn, calls, chunksize):
         """Return the requests that run calls (args, kwargs) of fn, chunksize calls each."""
-        function, requests = dumps(fn), []
+        # cloudpickle writes what plain pickle would where everything can be found by name on
+        # the other side, and sends by value what cannot: a lambda, anything from __main__.
+        function, requests = cloudpickle.dumps(fn, protocol=5), []
         for start in range(0, len(calls), chunksize):
             chunk = [(tuple(map(out_of_band, args)), {k: out_of_band(v) for k, v in kwargs.items()})
                      for args, kwargs in calls[start:start + chunksize]]
@@ -745,14 +721,6 @@ def listen(host, port):
     return listener
 
 
-def configure_logging(level):
-    """Log to stderr at level, one line per event, naming the process."""
-    logging.basicConfig(level=level, format="%(asctime)s brokest[%(process)d] %(message)s")
-    # Skip what our lines never show: the logging HOWTO's "Optimization" section.
-    logging.logThreads = logging.logMultiprocessing = False
-    logging._srcfile = None
-
-
 def main(argv=None):
     """Start workers as the command line says; return when they have stopped."""
     parser = argparse.ArgumentParser(prog="brokest", description="Start brokest workers.")
@@ -762,19 +730,18 @@ def main(argv=None):
     parser.add_argument("--time-limit", type=float, metavar="S", help="stop tasks running longer")
     parser.add_argument("--key-file", metavar="F", help="file with the key (default: $BROKEST_KEY)")
     parser.add_argument("--insecure", action="store_true", help="allow any --host without a key")
-    parser.add_argument("--max-message-size", type=int, metavar="BYTES", help="drop larger frames")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more")
     parser.add_argument("-q", "--quiet", action="count", default=0, help="log less")
     args = parser.parse_args(argv)
     if args.processes < 1:
         parser.error("--processes must be at least 1")
-    configure_logging(logging.INFO + 10 * (args.quiet - args.verbose))
+    logging.basicConfig(level=logging.INFO + 10 * (args.quiet - args.verbose),
+                        format="%(asctime)s brokest[%(process)d] %(message)s")
     try:
         key = Path(args.key_file).read_bytes().strip() if args.key_file else os.environ.get("BROKEST_KEY")
         if args.key_file and not key:
             raise ValueError(f"the key file {args.key_file} is empty")
-        options = dict(host=args.host, key=key, insecure=args.insecure,
-                       time_limit=args.time_limit, max_message_size=args.max_message_size)
+        options = dict(host=args.host, key=key, insecure=args.insecure, time_limit=args.time_limit)
         Worker(**options)  # refuses an unsafe configuration before anything starts
         listeners = [listen(args.host, args.port and args.port + n) for n in range(args.processes)]
     except (OSError, ValueError) as error:

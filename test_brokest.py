@@ -916,16 +916,6 @@ def test_bad_request_gets_an_error_reply_and_the_worker_keeps_serving(worker, ma
     assert make_client(worker.address, timeout=10).queue(add, 1, 2) == 3
 
 
-def test_message_larger_than_max_message_size_is_dropped_and_the_worker_keeps_serving(
-        start_worker, make_client):
-    worker = start_worker("--max-message-size", "10000")
-    assert raw_request(worker.address, [b"", b"id", b"", b"x" * 100_000], timeout_ms=1000) is None
-    client = make_client(worker.address, timeout=10)
-    with pytest.raises(brokest.WorkerLost):
-        client.queue(len, "x" * 100_000)
-    assert client.queue(add, 1, 2) == 3
-
-
 # --- Keys and signatures ---
 
 @pytest.mark.parametrize("signature", [b"", b"\x00" * 32, b"wrong signature"])

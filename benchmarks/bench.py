@@ -26,6 +26,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import cloudpickle
 import numpy
 import zmq
 
@@ -143,7 +144,7 @@ def bench_latency(rounds, count):
     keyed = brokest.Client(keyed_addresses, key=KEY)
     with_timeout = brokest.Client(default_addresses, timeout=10)
     # What raw pyzmq sends is a brokest request of the same size, so both move the same bytes.
-    request = brokest.pack_message(None, os.urandom(8), brokest.dumps(noop), ([((), {})], None))
+    request = brokest.pack_message(None, os.urandom(8), cloudpickle.dumps(noop, protocol=5), ([((), {})], None))
     before = set(children(os.getpid()))
     with ProcessPoolExecutor(1) as pool:
         pool.submit(noop).result()
@@ -191,7 +192,7 @@ def bench_throughput(rounds, tasks):
     raws = [start_raw_echo()[0], start_raw_echo()[0]]
     addresses, _ = start_workers(processes=2)
     client = brokest.Client(addresses)
-    request = brokest.pack_message(None, os.urandom(8), brokest.dumps(noop), ([((0,), {})], None))
+    request = brokest.pack_message(None, os.urandom(8), cloudpickle.dumps(noop, protocol=5), ([((0,), {})], None))
 
     def raw_map():
         threads = [threading.Thread(target=lambda sock=sock: [raw_round_trip(sock, request)
