@@ -503,9 +503,10 @@ class Client(Executor):
             raise ValueError(f"chunksize must be at least 1, not {chunksize}")
         requests = self._requests(fn, [(args, {}) for args in zip(*iterables)], chunksize)
         # The pool's threads take the requests in order, each when its last one is done: with
-        # a thread per worker, none waits behind a slow task while a worker is idle.
-        chunks = [self._threads.submit(self._run, request) for request in requests]
-        return results_in_order(chunks, timeout)
+        # a thread per worker, none waits behind a slow task while a worker is idle. Its map()
+        # yields their outcomes in order, within timeout, and cancels the rest if we stop early.
+        chunks = self._threads.map(self._run, requests, timeout=timeout)
+        return (result_of(outcome) for outcomes in chunks for outcome in outcomes)
 
     def shutdown(self, wait=True, *, cancel_futures=False):
         """Stop taking tasks; close the sockets once the tasks already submitted are done."""
@@ -554,9 +555,7 @@ class Client(Executor):
         """Take an idle connection whose worker is up, waiting while there is none."""
         nobody_up_since, delay, warned = time.monotonic(), 0.001, False
         with self._changed:
-            while True:
-                if self._closed:
-                    raise RuntimeError("cannot run a task on a Client that was shut down")
+            while not self._closed:
                 # Asking a socket whether it is ready takes microseconds: with hundreds of
                 # workers down, looking at them all for every call would take milliseconds.
                 if time.monotonic() >= self._next_look_at_down:
@@ -585,6 +584,7 @@ class Client(Executor):
                 # Checkins notify; a worker coming up does not, so look again soon.
                 self._changed.wait(delay)
                 delay = min(delay * 2, CHECK_INTERVAL_MS / 1000)
+        raise RuntimeError("cannot run a task on a Client that was shut down")
 
     def _checkin(self, connection):
         """Return a connection to the idle ones, or close it if the Client was shut down."""
@@ -594,18 +594,6 @@ class Client(Executor):
             else:
                 self._idle.append(connection)
                 self._changed.notify()
-
-
-def results_in_order(chunks, timeout):
-    """Yield the result of each call of each chunk in turn, raising a call's exception at its
-    place; all within timeout seconds. Cancel the chunks not yet run if the caller stops."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    try:
-        for chunk in chunks:
-            yield from map(result_of, chunk.result(None if deadline is None else deadline - time.monotonic()))
-    finally:
-        for chunk in chunks:
-            chunk.cancel()
 
 
 def expand_ports(address):
@@ -673,8 +661,7 @@ class Supervisor:
         """Start a worker process that serves on listener once delay seconds have passed."""
         options = {**self.options, "port": listener.getsockname()[1], "fd": listener.fileno()}
         # Forked, so that the child inherits the listening socket.
-        process = multiprocessing.get_context("fork").Process(target=run_worker,
-                                                              args=(options, delay))
+        process = multiprocessing.get_context("fork").Process(target=run_worker, args=(options, delay))
         process.start()
         self.workers[process.sentinel] = listener, process, time.monotonic() + delay, delay
 
@@ -695,8 +682,9 @@ class Supervisor:
 
 def run_worker(options, delay):
     """Serve as a supervised worker process until stopped, or orphaned by the supervisor."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, signal.SIG_DFL)  # until the Worker handles them: stop at once
+    # Until the Worker handles it, the supervisor's SIGTERM (stop) ends us at once; its own
+    # handler, inherited, would not.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     time.sleep(delay)
     faulthandler.enable()  # a task that crashes the process leaves its traceback in the log
     worker = Worker(**options)

@@ -623,6 +623,26 @@ def test_map_sends_its_chunks_to_all_workers_at_once(two_workers, make_client, t
     assert {pids[0], pids[2]} == {w.pid for w in two_workers}
 
 
+def test_map_timeout_counts_from_the_call_for_all_results(worker, make_client):
+    results = make_client(worker.address).map(sleep_then_return, [0.5, 0.5, 0.5], "abc", timeout=1.2)
+    started = time.monotonic()
+    assert next(results) == "a" and next(results) == "b"
+    with pytest.raises(TimeoutError):
+        next(results)
+    assert time.monotonic() - started < 2
+
+
+def test_map_that_is_not_read_to_the_end_runs_no_more_chunks(worker, make_client, tmp_path):
+    # one worker, twenty 0.2 s calls; the caller takes one result and drops the rest
+    runs = tmp_path / "runs"
+    client = make_client(worker.address, timeout=20)
+    results = client.map(count_the_run_then_sleep, [runs] * 20, [0.2] * 20)
+    assert next(results) is None
+    del results  # closing the iterator cancels the calls not yet sent
+    client.submit(abs, -1).result(timeout=20)  # queued after them all: they ran or were cancelled
+    assert len(runs.read_text().splitlines()) <= 3
+
+
 @pytest.mark.parametrize("chunksize", [0, -1])
 def test_map_refuses_a_chunksize_below_one(worker, make_client, chunksize):
     with pytest.raises(ValueError, match="chunksize"):
