@@ -331,6 +331,7 @@ class Worker:
                     continue
                 reply, log_line = self.answer(request)
                 socket.send_multipart(reply, copy=False)
+                del request, reply  # large ones would stay in memory while the next one comes
                 log.log(*log_line)  # after the reply: the caller need not wait for it
 
     def stop(self, *signal_args):
