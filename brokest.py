@@ -286,7 +286,8 @@ class Worker:
     key: the shared secret (str or bytes): it encrypts the traffic and signs every message.
     insecure: allow a host other than loopback without a key (anyone reaching it can run code).
     time_limit: the most seconds a task may run here; a client's timeout may make it shorter.
-        Enforced when start() runs in the main thread, where SIGALRM's handler runs.
+        Enforced when start() runs in the main thread, where SIGALRM's handler runs; a task
+        still running HARD_LIMIT_GRACE_S later ends this process (the CLI starts another).
     fd: a listening TCP socket to serve on instead of binding anew (-1: none); a supervisor
         keeps the port open this way while it replaces the worker.
     """
