@@ -34,6 +34,8 @@ What can go wrong, and what the caller sees:
   the keys differ      AuthenticationError: the handshake fails, and the request never leaves
   the worker dies      WorkerLost (a ConnectionError), sent again first if retries > 0
   timeout passes       TimeoutError, raised inside the task on the worker, which serves on
+  the task ignores it  TimeoutError; 2 s later the worker process ends, and its supervisor
+                       (python brokest.py) starts another on the same port
 
 A message whose signature does not verify is never unpickled, on either side.
 A dead or frozen worker surfaces as WorkerLost within seconds, even with no timeout.
