@@ -124,7 +124,10 @@ def sleep_then_note_the_finally(path, seconds):
         Path(path).write_text("finally ran")
 
 
-def swallow_every_timeout():
+def swallow_every_timeout(runs=None):
+    if runs is not None:
+        with open(runs, "a") as file:
+            file.write("run\n")
     while True:
         try:
             time.sleep(60)
@@ -843,6 +846,16 @@ def test_task_that_runs_on_past_its_limit_is_killed_and_its_port_serves_again(
     assert time.monotonic() - started < 1 + 4  # within 4 s of the limit
     assert worker.wait_for_log(r"Timeout \(")  # faulthandler's dump says where it was stuck
     assert worker.wait_for_log(f"worker {old_pid} on port .* exited with status 1")
+
+
+def test_stubborn_task_raises_timeout_error_and_is_never_retried(worker, make_client, tmp_path):
+    # the client gives up at its timeout + 0.5 s, before the worker is ended (limit + 2 s) and
+    # before that loss could look like a WorkerLost worth retrying
+    runs, old_pid = tmp_path / "runs", worker.pid
+    with pytest.raises(TimeoutError):
+        make_client(worker.address, timeout=1, retries=2).queue(swallow_every_timeout, runs)
+    worker.wait_for_new_worker(worker.address, old_pid)  # it was ended, as it should be
+    assert runs.read_text() == "run\n"
 
 
 def test_task_holding_the_gil_without_a_limit_runs_to_its_end(worker, make_client):
