@@ -344,13 +344,13 @@ class Worker:
     def answer(self, request):
         """Return the reply to one request's frames, and its log line; a bad request gets an error."""
         started = time.perf_counter()
-        request_id = bytes(request[1]) if len(request) > 1 else b""
         try:
             request_id, function, (calls, time_limit) = unpack_message(self.key, request)
             fn, calls = load_function(bytes(function)), list(calls)
             limits = [float(limit) for limit in (time_limit, self.time_limit) if limit is not None]
         except Exception as error:
-            # One error outcome for the request: it raises at the first of its calls.
+            # One error outcome for the request, under its id: it raises at its first call.
+            request_id = bytes(request[1]) if len(request) > 1 else b""
             reply = pack_message(self.key, request_id, b"", [("error", f"request rejected: {error}")])
             return reply, (logging.WARNING, "rejected a request: %s", error)
         # SIGALRM's handler runs in the main thread: only there can a time limit stop a task.
@@ -391,8 +391,8 @@ def signal_handlers(handlers):
 class Connection:
     """One REQ socket to one worker, with heartbeats and a monitor; one thread uses it at a time."""
 
-    def __init__(self, context, address, key, timeout):
-        self.address, self.timeout = address, timeout
+    def __init__(self, context, address, key):
+        self.address = address
         self.socket = context.socket(zmq.REQ)
         self.socket.linger = 0     # closing drops an unsent request at once, never blocks
         self.socket.immediate = 1  # a request waits for a live connection, its handshake done
@@ -437,15 +437,16 @@ class Connection:
         if self.failed_handshakes >= HANDSHAKE_ATTEMPTS:
             raise AuthenticationError(f"handshake with {self.address} failed: do both ends use the same key?")
 
-    def round_trip(self, request):
-        """Send a request's frames and return the reply's; raise WorkerLost or TimeoutError."""
+    def round_trip(self, request, timeout):
+        """Send a request's frames and return the reply's; raise WorkerLost, or TimeoutError
+        once timeout seconds (None: no limit) and TIMEOUT_GRACE_S have passed."""
         self.read_events()
         self.lost = False  # a disconnect from before this request: the worker is back since
         try:
             self.socket.send_multipart(request, copy=False, flags=zmq.NOBLOCK)
         except zmq.Again:
             self.lost = True  # the worker went away since it was found ready
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout + TIMEOUT_GRACE_S
+        deadline = None if timeout is None else time.monotonic() + timeout + TIMEOUT_GRACE_S
         while True:
             try:
                 return receive(self.socket)  # waits up to CHECK_INTERVAL_MS
@@ -454,7 +455,7 @@ class Connection:
             if self.lost:
                 raise WorkerLost(f"lost the worker at {self.address} while the task was in flight")
             if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"no reply from the worker at {self.address} within {self.timeout} s")
+                raise TimeoutError(f"no reply from the worker at {self.address} within {timeout} s")
 
 
 class Client(Executor):
@@ -479,7 +480,7 @@ class Client(Executor):
         self._context = zmq.Context()
         # libzmq allows 1,023 sockets per context unless told; a connection takes three.
         self._context.max_sockets = self._context.get(zmq.SOCKET_LIMIT)
-        self._idle = collections.deque(Connection(self._context, address, self.key, timeout)
+        self._idle = collections.deque(Connection(self._context, address, self.key)
                                        for address in self.addresses)
         # Idle connections whose worker was down when last seen, and when to look again.
         self._down, self._next_look_at_down = [], 0
@@ -541,7 +542,7 @@ class Client(Executor):
         for attempt in range(self.retries + 1):
             connection = self._checkout()
             try:
-                reply = connection.round_trip(request)
+                reply = connection.round_trip(request, self.timeout)
                 break
             except WorkerLost as lost:
                 if attempt == self.retries:
