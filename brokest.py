@@ -11,15 +11,18 @@ socket. Requests and replies have the same frames:
     <-- with a key: CurveZMQ handshake, fresh keys for every connection -->
   queue(fn, *args, **kwargs)
     [signature][request id][function][pickle (calls, time limit)][buffer]...  -->  verify,
-    <--  [signature][request id][][pickle [outcome, ...]][buffer]...     unpickle, run each call
+    <--  [signature][request id][retiring][pickle [outcome, ...]][buffer]...  unpickle, run each call
 
   signature   HMAC-SHA256(key, each later frame's length as 8 bytes big-endian, then its bytes);
               an empty frame when there is no key
   request id  8 random bytes, fresh for every task; the reply echoes them
   function    fn, pickled on its own: map() pickles it once for all its calls, and a worker
-              keeps the functions it unpickled last; a reply leaves this frame empty
+              keeps the functions it unpickled last
   calls       [(args, kwargs), ...]: one call for queue() and submit(), chunksize for map()
   time limit  the client's timeout: the worker stops a call that runs longer (None: no limit)
+  retiring    empty; b"retiring" when this worker process ends after this reply, so the
+              client waits for its successor before it uses that connection again
+  outcomes    None when a retiring worker did not run the request: the client sends it again
   pickle      cloudpickle, protocol 5: by name what the other side can import, by value
               what it cannot (a lambda, code from __main__); large buffers (numpy arrays,
               big bytes) leave the pickle and travel as [buffer] frames of their own, uncopied
@@ -33,9 +36,10 @@ What can go wrong, and what the caller sees:
   run or answer it     result or exception, a module the worker lacks
   the keys differ      AuthenticationError: the handshake fails, and the request never leaves
   the worker dies      WorkerLost (a ConnectionError), sent again first if retries > 0
+  the worker retires   nothing: what it did not run is sent again, to its successor or another
   timeout passes       TimeoutError, raised inside the task on the worker, which serves on
-  the task ignores it  TimeoutError; 2 s later the worker process ends, and its supervisor
-                       (python brokest.py) starts another on the same port
+  the task ignores it  TimeoutError; 2 s later its supervisor (python brokest.py) ends the
+                       worker process, and starts another on the same port
 
 A message whose signature does not verify is never unpickled, on either side.
 A dead or frozen worker surfaces as WorkerLost within seconds, even with no timeout.
@@ -51,15 +55,18 @@ import faulthandler
 import functools
 import hmac
 import ipaddress
+import itertools
 import logging
+import math
 import multiprocessing.connection
 import os
 import pickle
+import resource
 import signal
 import threading
 import time
 import traceback
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 from socket import create_server
 
@@ -91,8 +98,11 @@ WAITING_WARNING_S = 3.0
 # carries the task's traceback, before it gives up on the reply.
 TIMEOUT_GRACE_S = 0.5
 # How long a task may run past its time limit (it caught the TimeoutError, or it is stuck in
-# C code) before it is ended with its worker process.
+# C code) before its supervisor ends it with its worker process.
 HARD_LIMIT_GRACE_S = 2.0
+# How long a retiring worker still answers "not run" after the last request it read, and at
+# most in all: requests on their way arrive, and its successor need not wait long.
+DRAIN_QUIET_MS, DRAIN_MAX_S = 100, 1.0
 # How many handshakes in a row may fail without detail before we call the key wrong. A wrong
 # CURVE key fails every attempt; a worker that dies during a handshake spoils only one.
 HANDSHAKE_ATTEMPTS = 3
@@ -104,6 +114,8 @@ RESTART_DELAY_S, RESTART_DELAY_MAX_S = 0.1, 10.0
 OUT_OF_BAND_MIN_BYTES = 64 * 1024
 # Poll flags as plain ints: arithmetic on pyzmq's flag enums costs microseconds per call.
 POLLIN, POLLOUT = int(zmq.POLLIN), int(zmq.POLLOUT)
+# The signals a supervisor handles; a worker it forks must not run its handlers for them.
+SUPERVISOR_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 # --- Errors the caller sees ---
@@ -138,26 +150,31 @@ def sign(key, frames):
     return mac.digest()
 
 
-def pack_message(key, request_id, function, payload):
-    """Return the signed frames of a message: the pickled function (or b""), then payload's
-    pickle, its large buffers as frames of their own."""
+def pack_message(key, request_id, head, payload):
+    """Return the signed frames of a message: its head (a request's pickled function, a reply's
+    retiring), then payload's pickle, its large buffers as frames of their own."""
     buffers = []
     body = cloudpickle.dumps(payload, protocol=5, buffer_callback=buffers.append)
-    frames = [request_id, function, body, *(buffer.raw() for buffer in buffers)]
+    frames = [request_id, head, body, *(buffer.raw() for buffer in buffers)]
     return [sign(key, frames), *frames]
 
 
 def unpack_message(key, frames):
-    """Return (request id, pickled function, payload) of a message, unpickled only if its
-    signature verifies."""
+    """Return (request id, head, payload) of a message, unpickled only if its signature
+    verifies."""
     if len(frames) < 4:
         raise RemoteError(f"malformed message: {len(frames)} frames, expected at least 4")
-    signature, request_id, function, body, *buffers = frames
+    signature, request_id, head, body, *buffers = frames
     # Verify before unpickling: unpickling can run arbitrary code. compare_digest takes the
     # same time wherever the bytes differ, so timing does not reveal the right signature.
     if not hmac.compare_digest(signature, sign(key, frames[1:])):
         raise AuthenticationError("signature did not verify: do both ends use the same key?")
-    return bytes(request_id), function, loads(body, buffers)
+    return bytes(request_id), head, loads(body, buffers)
+
+
+def request_id_of(frames):
+    """Return the request id of a message that may not verify, or b"" if it has none."""
+    return bytes(frames[1]) if len(frames) > 1 else b""
 
 
 def loads(body, buffers=()):
@@ -288,24 +305,35 @@ class Worker:
     key: the shared secret (str or bytes): it encrypts the traffic and signs every message.
     insecure: allow a host other than loopback without a key (anyone reaching it can run code).
     time_limit: the most seconds a task may run here; a client's timeout may make it shorter.
-        Enforced when start() runs in the main thread, where SIGALRM's handler runs; a task
-        still running HARD_LIMIT_GRACE_S later ends this process (the CLI starts another).
+        Enforced when start() runs in the main thread, where SIGALRM's handler runs. A task
+        that runs on HARD_LIMIT_GRACE_S past it is ended with its process only by a
+        supervisor (python brokest.py); a Worker started by other code publishes the deadline
+        in `hard_deadline` and enforces nothing more itself.
+    max_tasks, max_memory: retire after that many tasks (a map chunk is one), or after a task
+        that left the peak resident memory above max_memory MB; the supervisor starts a fresh
+        process on the same port.
     fd: a listening TCP socket to serve on instead of binding anew (-1: none); a supervisor
         keeps the port open this way while it replaces the worker.
     """
 
     def __init__(self, host="127.0.0.1", port=9090, *, key=None, insecure=False,
-                 time_limit=None, fd=-1):
+                 time_limit=None, max_tasks=None, max_memory=None, fd=-1):
         self.key = as_key(key)
         if self.key is None and not insecure and not is_loopback(host):
             raise ValueError(f"refusing to listen on {host} without a key: anyone reaching it could "
                              "run any code. Use --key-file F (key=...), or --insecure to accept the risk")
+        if min(max_tasks or 1, max_memory or 1) < 1:
+            raise ValueError("--max-tasks and --max-memory must be at least 1")
         self.host, self.port, self.time_limit, self.fd = host, port, time_limit, fd
+        self.max_tasks, self.max_memory, self.tasks = max_tasks, max_memory, 0
         self.address = None
         self._stopping = threading.Event()
+        # When the running task passes its hard limit (time.monotonic(); inf: no task, or no
+        # limit), in memory that a supervisor which forked us shares: it ends us then.
+        self.hard_deadline = multiprocessing.RawValue("d", math.inf)
 
     def start(self):
-        """Bind, then serve requests until stop(), SIGINT or SIGTERM; a running task finishes first."""
+        """Bind, then serve requests until stop(), SIGINT, SIGTERM or SIGHUP, or until retired."""
         # A context of its own: closing a socket frees its port later, in the background;
         # terminating its context (leaving the with) waits until that is done, so the port is
         # free when start() returns.
@@ -314,14 +342,14 @@ class Worker:
         log.info("worker %d on %s stopped", os.getpid(), self.address)
 
     def serve(self, socket):
-        """Bind socket, then answer requests on it until stop(), SIGINT or SIGTERM."""
+        """Bind socket, answer requests on it until stopped, then drain it."""
         socket.linger = 0
         socket.rcvtimeo = CHECK_INTERVAL_MS
         socket.use_fd = self.fd
         if self.key:
             socket.curve_server = True
             socket.curve_secretkey = curve_secret_key(self.key)
-        handlers = {signal.SIGINT: self.stop, signal.SIGTERM: self.stop,
+        handlers = {signal.SIGINT: self.stop, signal.SIGTERM: self.stop, signal.SIGHUP: self.stop,
                     signal.SIGALRM: raise_time_limit}
         with signal_handlers(handlers):  # before we say we listen: a signal may follow
             socket.bind(f"tcp://{self.host}:{self.port or '*'}")
@@ -336,9 +364,11 @@ class Worker:
                 socket.send_multipart(reply, copy=False)
                 del request, reply  # large ones would stay in memory while the next one comes
                 log.log(*log_line)  # after the reply: the caller need not wait for it
+            self.drain(socket)
 
     def stop(self, *signal_args):
-        """Make start() return within about CHECK_INTERVAL_MS; callable from any thread, once."""
+        """Make start() return once the running task is answered and the socket drained (about
+        a second at most); callable from any thread, once."""
         self._stopping.set()
 
     def answer(self, request):
@@ -350,27 +380,48 @@ class Worker:
             limits = [float(limit) for limit in (time_limit, self.time_limit) if limit is not None]
         except Exception as error:
             # One error outcome for the request, under its id: it raises at its first call.
-            request_id = bytes(request[1]) if len(request) > 1 else b""
-            reply = pack_message(self.key, request_id, b"", [("error", f"request rejected: {error}")])
+            reply, _ = self.reply(request_id_of(request), [("error", f"request rejected: {error}")])
             return reply, (logging.WARNING, "rejected a request: %s", error)
         # SIGALRM's handler runs in the main thread: only there can a time limit stop a task.
         limit = min(limits) if limits and threading.current_thread() is threading.main_thread() else None
         deadline = None if limit is None else time.monotonic() + limit
-        if limit is not None:
-            # A task that catches its TimeoutError, or is stuck in C code holding the GIL, is
-            # ended with this process: faulthandler's watchdog is a C thread that needs no GIL,
-            # and it first prints where the task was stuck. The supervisor starts another.
-            faulthandler.dump_traceback_later(limit + HARD_LIMIT_GRACE_S, exit=True)
+        if deadline is not None:
+            self.hard_deadline.value = deadline + HARD_LIMIT_GRACE_S
         outcomes = [run_task(fn, call, deadline) for call in calls]
-        faulthandler.cancel_dump_traceback_later()
-        try:
-            reply = pack_message(self.key, request_id, b"", outcomes)
-        except Exception:
-            outcomes = [picklable(outcome) for outcome in outcomes]
-            reply = pack_message(self.key, request_id, b"", outcomes)
+        self.hard_deadline.value = math.inf
+        self.retire_if_worn_out()
+        reply, outcomes = self.reply(request_id, outcomes)
         name = getattr(fn, "__qualname__", type(fn).__qualname__)
         return reply, (logging.INFO, "%s %.1f ms %s", name,
                        (time.perf_counter() - started) * 1000, status_of(outcomes))
+
+    def reply(self, request_id, outcomes):
+        """Return the frames of the reply carrying outcomes (None: not run), and the outcomes
+        sent: one that cannot be pickled is replaced by the error that says why."""
+        retiring = b"retiring" if self._stopping.is_set() else b""
+        try:
+            return pack_message(self.key, request_id, retiring, outcomes), outcomes
+        except Exception:
+            outcomes = [picklable(outcome) for outcome in outcomes]
+            return pack_message(self.key, request_id, retiring, outcomes), outcomes
+
+    def retire_if_worn_out(self):
+        """Stop after this task if it was the max_tasks-th, or peak memory passed max_memory MB."""
+        self.tasks += 1
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        if self.tasks == self.max_tasks or peak_mb > (self.max_memory or math.inf):
+            log.info("worker %d retiring after %d tasks, at a peak of %.0f MB", os.getpid(),
+                     self.tasks, peak_mb)
+            self.stop()
+
+    def drain(self, socket):
+        """Answer "not run" to each request still queued here or on its way, until none came
+        for DRAIN_QUIET_MS: their clients send them again, to whoever serves the port next."""
+        socket.rcvtimeo, ends = DRAIN_QUIET_MS, time.monotonic() + DRAIN_MAX_S
+        with contextlib.suppress(zmq.Again):
+            while time.monotonic() < ends:
+                reply, _ = self.reply(request_id_of(receive(socket)), None)
+                socket.send_multipart(reply, copy=False)
 
 
 @contextlib.contextmanager
@@ -413,7 +464,8 @@ class Connection:
         self.monitor = self.socket.get_monitor_socket(
             zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
             | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
-        self.lost, self.failed_handshakes = False, 0
+        # retiring: the worker said it ends after its reply; we wait for its successor.
+        self.lost, self.retiring, self.failed_handshakes = False, False, 0
         self.socket.connect(address)
 
     def close(self):
@@ -428,14 +480,20 @@ class Connection:
             event = recv_monitor_message(self.monitor)["event"]
             if event == zmq.EVENT_DISCONNECTED:
                 self.lost = True
-            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
-                self.failed_handshakes = 0
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:  # with a new worker, if ours retired
+                self.failed_handshakes, self.retiring = 0, False
             elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:  # a wrong key, or a worker
                 self.failed_handshakes += 1                     # dying mid-handshake
             else:  # one end has a key and the other not: libzmq will not try again
                 self.failed_handshakes = HANDSHAKE_ATTEMPTS
         if self.failed_handshakes >= HANDSHAKE_ATTEMPTS:
             raise AuthenticationError(f"handshake with {self.address} failed: do both ends use the same key?")
+
+    def ready(self):
+        """Return whether a request sent now goes to a worker that is up and not retiring."""
+        if self.retiring:
+            self.read_events()
+        return not self.retiring and self.socket.get(zmq.EVENTS) & POLLOUT
 
     def round_trip(self, request, timeout):
         """Send a request's frames and return the reply's; raise WorkerLost, or TimeoutError
@@ -485,33 +543,40 @@ class Client(Executor):
         # Idle connections whose worker was down when last seen, and when to look again.
         self._down, self._next_look_at_down = [], 0
         self._changed = threading.Condition()
-        self._closed = False
+        self._closed, self._pid = False, os.getpid()
         # submit() runs queue() on these threads, map() its chunks: as many as there are workers.
         self._threads = ThreadPoolExecutor(len(self.addresses), thread_name_prefix="brokest")
 
     def queue(self, fn, /, *args, **kwargs):
         """Run fn(*args, **kwargs) on an idle worker and return its result, or raise its exception."""
-        [request] = self._requests(fn, [(args, kwargs)], 1)
-        [outcome] = self._run(request)  # in this thread: a call costs no thread switch
+        self._check_process()
+        # In this thread: a call costs no thread switch.
+        [outcome] = self._run(cloudpickle.dumps(fn, protocol=5), [(args, kwargs)])
         return result_of(outcome)
 
     def submit(self, fn, /, *args, **kwargs):
         """Schedule fn(*args, **kwargs) on a worker; return a concurrent.futures.Future."""
+        self._check_process()
         return self._threads.submit(self.queue, fn, *args, **kwargs)
 
-    def map(self, fn, *iterables, timeout=None, chunksize=1):
+    def map(self, fn, *iterables, timeout=None, chunksize=1, buffersize=None):
         """Return an iterator of fn(*args) for args in zip(*iterables), run on all workers at once.
 
-        timeout: seconds from this call for all results; chunksize: how many calls travel and
-        run as one task. A call that raised raises at its own place in the results."""
+        timeout: seconds from this call for all results. chunksize: how many calls travel and
+        run as one task. buffersize: how many chunks are read and sent ahead of the results;
+        None reads the whole input now. A call that raised raises at its own place in the
+        results, and so does an exception raised by the input."""
         if chunksize < 1:
             raise ValueError(f"chunksize must be at least 1, not {chunksize}")
-        requests = self._requests(fn, [(args, {}) for args in zip(*iterables)], chunksize)
-        # The pool's threads take the requests in order, each when its last one is done: with
-        # a thread per worker, none waits behind a slow task while a worker is idle. Its map()
-        # yields their outcomes in order, within timeout, and cancels the rest if we stop early.
-        chunks = self._threads.map(self._run, requests, timeout=timeout)
-        return (result_of(outcome) for outcomes in chunks for outcome in outcomes)
+        if buffersize is not None and not isinstance(buffersize, int):
+            raise TypeError("buffersize must be an integer or None")
+        if buffersize is not None and buffersize < 1:
+            raise ValueError("buffersize must be None or > 0")
+        self._check_process()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        chunks = self._submit_chunks(cloudpickle.dumps(fn, protocol=5), zip(*iterables), chunksize)
+        # Submitted before the first result is asked for; islice(chunks, None) submits them all.
+        return results_in_order(collections.deque(itertools.islice(chunks, buffersize)), chunks, deadline)
 
     def shutdown(self, wait=True, *, cancel_futures=False):
         """Stop taking tasks; close the sockets once the tasks already submitted are done."""
@@ -525,36 +590,54 @@ class Client(Executor):
                 connection.close()
             self._changed.notify_all()
 
-    def _requests(self, fn, calls, chunksize):
-        """Return the requests that run calls (args, kwargs) of fn, chunksize calls each."""
-        # cloudpickle writes what plain pickle would where everything can be found by name on
-        # the other side, and sends by value what cannot: a lambda, anything from __main__.
-        function, requests = cloudpickle.dumps(fn, protocol=5), []
-        for start in range(0, len(calls), chunksize):
-            chunk = [(tuple(map(out_of_band, args)), {k: out_of_band(v) for k, v in kwargs.items()})
-                     for args, kwargs in calls[start:start + chunksize]]
-            requests.append(pack_message(self.key, os.urandom(8), function, (chunk, self.timeout)))
-        return requests
+    def _check_process(self):
+        """Raise RuntimeError in a process forked from the one that made this Client."""
+        if os.getpid() != self._pid:  # our ZeroMQ context and threads stayed in the parent
+            raise RuntimeError(f"this Client was made in process {self._pid}, before a fork: "
+                               "make a Client in this process")
 
-    def _run(self, request):
-        """Send a request to an idle worker and return its outcomes; after WorkerLost, send it
-        again while retries last (to another worker, when there is one)."""
-        for attempt in range(self.retries + 1):
+    def _submit_chunks(self, function, calls, chunksize):
+        """Yield a future for each chunk of calls, submitted as soon as it is read. If the input
+        raises, the calls read before still run, and a last future raises its exception."""
+        chunk, failure = [], None
+        try:
+            for args in calls:
+                chunk.append((args, {}))
+                if len(chunk) == chunksize:
+                    yield self._threads.submit(self._run, function, chunk)
+                    chunk = []
+        except Exception as error:  # raised by the input, or by a Client that was shut down
+            failure = Future()
+            failure.set_exception(error)
+        if chunk:
+            yield self._threads.submit(self._run, function, chunk)
+        if failure:
+            yield failure
+
+    def _run(self, function, calls):
+        """Run calls (args, kwargs) of a pickled function as one task on an idle worker and
+        return their outcomes. A request the worker did not run is sent again; one whose
+        worker was lost, while retries last (to another worker, when there is one)."""
+        calls = [(tuple(map(out_of_band, args)), {k: out_of_band(v) for k, v in kwargs.items()})
+                 for args, kwargs in calls]
+        request, retries = pack_message(self.key, os.urandom(8), function, (calls, self.timeout)), self.retries
+        while True:
             connection = self._checkout()
             try:
-                reply = connection.round_trip(request, self.timeout)
-                break
+                reply_id, retiring, outcomes = unpack_message(self.key, connection.round_trip(request, self.timeout))
+                connection.retiring = retiring == b"retiring"
             except WorkerLost as lost:
-                if attempt == self.retries:
+                if retries == 0:
                     raise
-                log.warning("%s; sending the task again (retry %d of %d)", lost, attempt + 1,
-                            self.retries)
+                retries -= 1
+                log.warning("%s; sending the task again (%d retries left)", lost, retries)
+                continue
             finally:
                 self._checkin(connection)
-        reply_id, _, outcomes = unpack_message(self.key, reply)
-        if reply_id != request[1]:  # the request id, the frame after the signature
-            raise RemoteError("the reply answers a different request")
-        return outcomes
+            if reply_id != request[1]:  # the request id, the frame after the signature
+                raise RemoteError("the reply answers a different request")
+            if outcomes is not None:  # None: the worker retired before it could run it
+                return outcomes
 
     def _checkout(self):
         """Take an idle connection whose worker is up, waiting while there is none."""
@@ -569,7 +652,7 @@ class Client(Executor):
                     self._next_look_at_down = time.monotonic() + CHECK_INTERVAL_MS / 1000
                 while self._idle:
                     connection = self._idle.popleft()
-                    if connection.socket.get(zmq.EVENTS) & POLLOUT:  # connected, handshake done
+                    if connection.ready():
                         return connection
                     self._down.append(connection)
                 # Time with no worker up counts against the timeout; waiting for a busy one
@@ -601,6 +684,22 @@ class Client(Executor):
                 self._changed.notify()
 
 
+def results_in_order(in_flight, more, deadline):
+    """Yield the results of the chunk futures in_flight, in order, until deadline; submit a
+    chunk more from more as each chunk's results start. Closed or dropped, cancel the rest."""
+    try:
+        while in_flight:
+            in_flight.extend(itertools.islice(more, 1))
+            outcomes = in_flight[0].result(None if deadline is None else deadline - time.monotonic())
+            in_flight.popleft()
+            outcomes.reverse()  # then pop each: a result we yielded stays referenced nowhere here
+            while outcomes:
+                yield result_of(outcomes.pop())
+    finally:
+        for future in in_flight:
+            future.cancel()
+
+
 def expand_ports(address):
     """Return the addresses that address names: none, one, or one per port of a range like
     tcp://host:9090-9093."""
@@ -615,6 +714,16 @@ def expand_ports(address):
 
 _default_client = None
 _default_client_lock = threading.Lock()
+
+
+def forget_the_default_client():
+    """Start afresh in a forked child: the parent's Client works only in the parent, and its
+    lock may have been held by a thread that the child does not have."""
+    global _default_client, _default_client_lock
+    _default_client, _default_client_lock = None, threading.Lock()
+
+
+os.register_at_fork(after_in_child=forget_the_default_client)
 
 
 def queue(fn, /, *args, **kwargs):
@@ -643,56 +752,86 @@ class Supervisor:
 
     def __init__(self, listeners, options):
         self.listeners, self.options = listeners, options
-        self.workers = {}  # sentinel -> (listener, process, when it began to serve, its delay)
+        self.workers = {}  # sentinel -> (listener, process, Worker, when it began to serve, its delay)
         self.stopping = threading.Event()
 
     def run(self):
-        """Start a worker on every listener, replace those that die, stop them all at the end."""
-        with signal_handlers({signal.SIGINT: self.stop, signal.SIGTERM: self.stop}):
+        """Start a worker on every listener, replace those that exit, end those stuck past
+        their hard limit, restart them all on SIGHUP, stop them all at the end."""
+        log.info("supervisor %d serving ports %s", os.getpid(),
+                 ", ".join(str(listener.getsockname()[1]) for listener in self.listeners))
+        handlers = {signal.SIGINT: self.stop, signal.SIGTERM: self.stop, signal.SIGHUP: self.restart}
+        with signal_handlers(handlers):
             for listener in self.listeners:
                 self.spawn_worker(listener, delay=0)
             while not self.stopping.is_set():
-                self.replace_dead_workers()
-        for _, process, _, _ in self.workers.values():
-            process.terminate()  # SIGTERM: each finishes its task, closes its socket, exits
-        for _, process, _, _ in self.workers.values():
+                self.replace_exited_workers()
+                self.abort_stuck_workers()
+        for _, process, _, _, _ in self.workers.values():
+            process.terminate()  # SIGTERM: each finishes its task, drains its socket, exits
+        for _, process, _, _, _ in self.workers.values():
             process.join()
 
     def stop(self, *signal_args):
         """Make run() stop the workers and return."""
         self.stopping.set()
 
+    def restart(self, *signal_args):
+        """Ask every worker to retire after its task: the processes that replace them import
+        the task modules afresh."""
+        for _, process, _, _, _ in list(self.workers.values()):
+            process.terminate()
+
     def spawn_worker(self, listener, delay):
         """Start a worker process that serves on listener once delay seconds have passed."""
-        options = {**self.options, "port": listener.getsockname()[1], "fd": listener.fileno()}
-        # Forked, so that the child inherits the listening socket.
-        process = multiprocessing.get_context("fork").Process(target=run_worker, args=(options, delay))
+        worker = Worker(**self.options, port=listener.getsockname()[1], fd=listener.fileno())
+        # Forked, so that the child inherits the listening socket and the worker's
+        # hard_deadline. Until the child sets its own handlers it has ours: a signal sent to
+        # it meanwhile would run them there, and be lost, so signals wait until it is ready.
+        process = multiprocessing.get_context("fork").Process(target=run_worker, args=(worker, delay))
+        signal.pthread_sigmask(signal.SIG_BLOCK, SUPERVISOR_SIGNALS)
         process.start()
-        self.workers[process.sentinel] = listener, process, time.monotonic() + delay, delay
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, SUPERVISOR_SIGNALS)
+        self.workers[process.sentinel] = listener, process, worker, time.monotonic() + delay, delay
 
-    def replace_dead_workers(self):
+    def replace_exited_workers(self):
         """Wait up to CHECK_INTERVAL_MS for workers to exit; log why, and start their successors."""
         for sentinel in multiprocessing.connection.wait(self.workers, CHECK_INTERVAL_MS / 1000):
-            listener, process, serving_since, delay = self.workers.pop(sentinel)
+            listener, process, _, serving_since, delay = self.workers.pop(sentinel)
             process.join()
-            died_young = time.monotonic() - serving_since < 1  # then wait longer each time
-            delay = min(max(2 * delay, RESTART_DELAY_S), RESTART_DELAY_MAX_S) if died_young else 0
-            code = process.exitcode
-            how = (f"was killed by {signal.Signals(-code).name}" if code < 0
-                   else f"exited with status {code}")
-            log.warning("worker %d on port %d %s; starting another in %.1f s", process.pid,
-                        listener.getsockname()[1], how, delay)
-            self.spawn_worker(listener, delay)
+            port, code = listener.getsockname()[1], process.exitcode
+            if code == 0:  # it retired, as planned: no reason to wait
+                delay = 0
+                log.info("worker %d on port %d retired; starting another", process.pid, port)
+            else:
+                died_young = time.monotonic() - serving_since < 1  # then wait longer each time
+                delay = min(max(2 * delay, RESTART_DELAY_S), RESTART_DELAY_MAX_S) if died_young else 0
+                how = (f"was killed by {signal.Signals(-code).name}" if code < 0
+                       else f"exited with status {code}")
+                log.warning("worker %d on port %d %s; starting another in %.1f s", process.pid,
+                            port, how, delay)
+            if not self.stopping.is_set():
+                self.spawn_worker(listener, delay)
+
+    def abort_stuck_workers(self):
+        """End every worker whose task runs past its hard limit, so its port is served again."""
+        now = time.monotonic()
+        for listener, process, worker, _, _ in self.workers.values():
+            if worker.hard_deadline.value < now:
+                log.warning("worker %d on port %d: its task ran %.0f s past its time limit; "
+                            "aborting it", process.pid, listener.getsockname()[1], HARD_LIMIT_GRACE_S)
+                worker.hard_deadline.value = math.inf  # abort it once
+                # SIGABRT: faulthandler, enabled in run_worker, first prints where it was stuck.
+                os.kill(process.pid, signal.SIGABRT)
 
 
-def run_worker(options, delay):
+def run_worker(worker, delay):
     """Serve as a supervised worker process until stopped, or orphaned by the supervisor."""
-    # Until the Worker handles it, the supervisor's SIGTERM (stop) ends us at once; its own
-    # handler, inherited, would not.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    for signum in SUPERVISOR_SIGNALS:  # until the Worker handles them, they end us at once
+        signal.signal(signum, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, SUPERVISOR_SIGNALS)
     time.sleep(delay)
     faulthandler.enable()  # a task that crashes the process leaves its traceback in the log
-    worker = Worker(**options)
     threading.Thread(target=stop_when_orphaned, args=(worker,), daemon=True).start()
     worker.start()
 
@@ -721,6 +860,8 @@ def main(argv=None):
     parser.add_argument("--port", type=int, default=9090, help="first port; 0: any free (%(default)s)")
     parser.add_argument("--processes", type=int, default=1, metavar="N", help="on ports PORT..PORT+N-1")
     parser.add_argument("--time-limit", type=float, metavar="S", help="stop tasks running longer")
+    parser.add_argument("--max-tasks", type=int, metavar="N", help="replace a worker after N tasks")
+    parser.add_argument("--max-memory", type=int, metavar="MB", help="replace a worker grown past MB")
     parser.add_argument("--key-file", metavar="F", help="file with the key (default: $BROKEST_KEY)")
     parser.add_argument("--insecure", action="store_true", help="allow any --host without a key")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more")
@@ -734,7 +875,8 @@ def main(argv=None):
         key = Path(args.key_file).read_bytes().strip() if args.key_file else os.environ.get("BROKEST_KEY")
         if args.key_file and not key:
             raise ValueError(f"the key file {args.key_file} is empty")
-        options = dict(host=args.host, key=key, insecure=args.insecure, time_limit=args.time_limit)
+        options = dict(host=args.host, key=key, insecure=args.insecure, time_limit=args.time_limit,
+                       max_tasks=args.max_tasks, max_memory=args.max_memory)
         Worker(**options)  # refuses an unsafe configuration before anything starts
         listeners = [listen(args.host, args.port and args.port + n) for n in range(args.processes)]
     except (OSError, ValueError) as error:
