@@ -114,8 +114,9 @@ RESTART_DELAY_S, RESTART_DELAY_MAX_S = 0.1, 10.0
 OUT_OF_BAND_MIN_BYTES = 64 * 1024
 # Poll flags as plain ints: arithmetic on pyzmq's flag enums costs microseconds per call.
 POLLIN, POLLOUT = int(zmq.POLLIN), int(zmq.POLLOUT)
-# The signals a supervisor handles; a worker it forks must not run its handlers for them.
-SUPERVISOR_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+# The signals that stop a worker once its task is answered (SIGHUP, too: its supervisor then
+# starts a fresh one), and that a supervisor handles.
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 # --- Errors the caller sees ---
@@ -189,12 +190,10 @@ def loads(body, buffers=()):
         raise RemoteError(f"could not unpickle the message: {error!r}") from None
 
 
-# Unpickling a function sent by value rebuilds its code: worth doing once, not for every call.
-# Its pickle holds the values of the globals it reads, so a new value makes new bytes.
-@functools.lru_cache(maxsize=64)
-def load_function(function):
-    """Return the function its pickled bytes make."""
-    return loads(function)
+# load_function(bytes) unpickles a function as loads() does, and keeps the last 64: rebuilding
+# a function sent by value is worth doing once, not for every call. Its pickle holds the
+# values of the globals it reads, so a new value makes new bytes.
+load_function = functools.lru_cache(maxsize=64)(loads)
 
 
 def receive(socket):
@@ -224,18 +223,18 @@ def out_of_band(value):
 
 def run_task(fn, call, deadline):
     """Return the outcome of one call (args, kwargs) of fn: its result, or its exception and
-    traceback. deadline: when (time.monotonic()) to stop it by raising TimeoutError inside."""
+    traceback. deadline: when (time.monotonic(); inf: never) to stop it by raising
+    TimeoutError inside."""
     try:
         args, kwargs = call
-        if deadline is not None:
+        if deadline < math.inf:
             # SIGALRM comes at the deadline, and its handler raises TimeoutError wherever fn
             # is, so that fn's own clean-up (except, finally, with) runs.
             signal.setitimer(signal.ITIMER_REAL, max(deadline - time.monotonic(), 1e-6))
         try:
             return "result", out_of_band(fn(*args, **kwargs))
         finally:
-            if deadline is not None:
-                signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.setitimer(signal.ITIMER_REAL, 0)
     except BaseException as exception:  # SystemExit too: a task never ends its worker
         return "exception", (exception, "".join(traceback.format_exception(exception)))
 
@@ -322,7 +321,7 @@ class Worker:
         if self.key is None and not insecure and not is_loopback(host):
             raise ValueError(f"refusing to listen on {host} without a key: anyone reaching it could "
                              "run any code. Use --key-file F (key=...), or --insecure to accept the risk")
-        if min(max_tasks or 1, max_memory or 1) < 1:
+        if any(limit is not None and limit < 1 for limit in (max_tasks, max_memory)):
             raise ValueError("--max-tasks and --max-memory must be at least 1")
         self.host, self.port, self.time_limit, self.fd = host, port, time_limit, fd
         self.max_tasks, self.max_memory, self.tasks = max_tasks, max_memory, 0
@@ -349,8 +348,7 @@ class Worker:
         if self.key:
             socket.curve_server = True
             socket.curve_secretkey = curve_secret_key(self.key)
-        handlers = {signal.SIGINT: self.stop, signal.SIGTERM: self.stop, signal.SIGHUP: self.stop,
-                    signal.SIGALRM: raise_time_limit}
+        handlers = {**dict.fromkeys(STOP_SIGNALS, self.stop), signal.SIGALRM: raise_time_limit}
         with signal_handlers(handlers):  # before we say we listen: a signal may follow
             socket.bind(f"tcp://{self.host}:{self.port or '*'}")
             self.address = socket.last_endpoint.decode()
@@ -377,51 +375,48 @@ class Worker:
         try:
             request_id, function, (calls, time_limit) = unpack_message(self.key, request)
             fn, calls = load_function(bytes(function)), list(calls)
-            limits = [float(limit) for limit in (time_limit, self.time_limit) if limit is not None]
+            limit = min(math.inf if limit is None else float(limit) for limit in (time_limit, self.time_limit))
         except Exception as error:
             # One error outcome for the request, under its id: it raises at its first call.
-            reply, _ = self.reply(request_id_of(request), [("error", f"request rejected: {error}")])
+            reply = self.reply(request_id_of(request), [("error", f"request rejected: {error}")])
             return reply, (logging.WARNING, "rejected a request: %s", error)
         # SIGALRM's handler runs in the main thread: only there can a time limit stop a task.
-        limit = min(limits) if limits and threading.current_thread() is threading.main_thread() else None
-        deadline = None if limit is None else time.monotonic() + limit
-        if deadline is not None:
-            self.hard_deadline.value = deadline + HARD_LIMIT_GRACE_S
+        if threading.current_thread() is not threading.main_thread():
+            limit = math.inf
+        deadline = time.monotonic() + limit
+        self.hard_deadline.value = deadline + HARD_LIMIT_GRACE_S
         outcomes = [run_task(fn, call, deadline) for call in calls]
         self.hard_deadline.value = math.inf
         self.retire_if_worn_out()
-        reply, outcomes = self.reply(request_id, outcomes)
+        reply = self.reply(request_id, outcomes)
         name = getattr(fn, "__qualname__", type(fn).__qualname__)
         return reply, (logging.INFO, "%s %.1f ms %s", name,
                        (time.perf_counter() - started) * 1000, status_of(outcomes))
 
     def reply(self, request_id, outcomes):
-        """Return the frames of the reply carrying outcomes (None: not run), and the outcomes
-        sent: one that cannot be pickled is replaced by the error that says why."""
+        """Return the frames of the reply carrying outcomes (None: not run); an outcome that
+        cannot be pickled is replaced, in outcomes too, by the error that says why."""
         retiring = b"retiring" if self._stopping.is_set() else b""
         try:
-            return pack_message(self.key, request_id, retiring, outcomes), outcomes
+            return pack_message(self.key, request_id, retiring, outcomes)
         except Exception:
-            outcomes = [picklable(outcome) for outcome in outcomes]
-            return pack_message(self.key, request_id, retiring, outcomes), outcomes
+            outcomes[:] = map(picklable, outcomes)  # so that the log line says so too
+            return pack_message(self.key, request_id, retiring, outcomes)
 
     def retire_if_worn_out(self):
         """Stop after this task if it was the max_tasks-th, or peak memory passed max_memory MB."""
         self.tasks += 1
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         if self.tasks == self.max_tasks or peak_mb > (self.max_memory or math.inf):
-            log.info("worker %d retiring after %d tasks, at a peak of %.0f MB", os.getpid(),
-                     self.tasks, peak_mb)
+            log.info("worker %d retiring after %d tasks, peak memory %.0f MB", os.getpid(), self.tasks, peak_mb)
             self.stop()
 
     def drain(self, socket):
         """Answer "not run" to each request still queued here or on its way, until none came
         for DRAIN_QUIET_MS: their clients send them again, to whoever serves the port next."""
-        socket.rcvtimeo, ends = DRAIN_QUIET_MS, time.monotonic() + DRAIN_MAX_S
-        with contextlib.suppress(zmq.Again):
-            while time.monotonic() < ends:
-                reply, _ = self.reply(request_id_of(receive(socket)), None)
-                socket.send_multipart(reply, copy=False)
+        ends = time.monotonic() + DRAIN_MAX_S
+        while time.monotonic() < ends and socket.poll(DRAIN_QUIET_MS):
+            socket.send_multipart(self.reply(request_id_of(receive(socket)), None), copy=False)
 
 
 @contextlib.contextmanager
@@ -474,8 +469,7 @@ class Connection:
         self.monitor.close()
 
     def read_events(self):
-        """Take in what the monitor reported; raise AuthenticationError if the worker keeps
-        failing our handshakes."""
+        """Take in what the monitor reported: a lost worker, a handshake done or failed."""
         while self.monitor.get(zmq.EVENTS) & POLLIN:
             event = recv_monitor_message(self.monitor)["event"]
             if event == zmq.EVENT_DISCONNECTED:
@@ -486,20 +480,16 @@ class Connection:
                 self.failed_handshakes += 1                     # dying mid-handshake
             else:  # one end has a key and the other not: libzmq will not try again
                 self.failed_handshakes = HANDSHAKE_ATTEMPTS
-        if self.failed_handshakes >= HANDSHAKE_ATTEMPTS:
-            raise AuthenticationError(f"handshake with {self.address} failed: do both ends use the same key?")
 
     def ready(self):
         """Return whether a request sent now goes to a worker that is up and not retiring."""
-        if self.retiring:
-            self.read_events()
+        self.read_events()
         return not self.retiring and self.socket.get(zmq.EVENTS) & POLLOUT
 
     def round_trip(self, request, timeout):
         """Send a request's frames and return the reply's; raise WorkerLost, or TimeoutError
         once timeout seconds (None: no limit) and TIMEOUT_GRACE_S have passed."""
-        self.read_events()
-        self.lost = False  # a disconnect from before this request: the worker is back since
+        self.lost = False  # a disconnect from before this request (ready() read it): the worker is back
         try:
             self.socket.send_multipart(request, copy=False, flags=zmq.NOBLOCK)
         except zmq.Again:
@@ -551,8 +541,7 @@ class Client(Executor):
         """Run fn(*args, **kwargs) on an idle worker and return its result, or raise its exception."""
         self._check_process()
         # In this thread: a call costs no thread switch.
-        [outcome] = self._run(cloudpickle.dumps(fn, protocol=5), [(args, kwargs)])
-        return result_of(outcome)
+        return result_of(self._run(cloudpickle.dumps(fn, protocol=5), [(args, kwargs)])[0])
 
     def submit(self, fn, /, *args, **kwargs):
         """Schedule fn(*args, **kwargs) on a worker; return a concurrent.futures.Future."""
@@ -597,21 +586,14 @@ class Client(Executor):
                                "make a Client in this process")
 
     def _submit_chunks(self, function, calls, chunksize):
-        """Yield a future for each chunk of calls, submitted as soon as it is read. If the input
-        raises, the calls read before still run, and a last future raises its exception."""
-        chunk, failure = [], None
+        """Yield a future for each chunk of calls, submitted as soon as it is read; if reading
+        a chunk raises, a last future raises that exception in the chunk's place."""
         try:
-            for args in calls:
-                chunk.append((args, {}))
-                if len(chunk) == chunksize:
-                    yield self._threads.submit(self._run, function, chunk)
-                    chunk = []
-        except Exception as error:  # raised by the input, or by a Client that was shut down
+            while chunk := [(args, {}) for args in itertools.islice(calls, chunksize)]:
+                yield self._threads.submit(self._run, function, chunk)
+        except Exception as error:  # the input's own, or a shut-down Client's RuntimeError
             failure = Future()
             failure.set_exception(error)
-        if chunk:
-            yield self._threads.submit(self._run, function, chunk)
-        if failure:
             yield failure
 
     def _run(self, function, calls):
@@ -646,7 +628,9 @@ class Client(Executor):
             while not self._closed:
                 # Asking a socket whether it is ready takes microseconds: with hundreds of
                 # workers down, looking at them all for every call would take milliseconds.
-                if time.monotonic() >= self._next_look_at_down:
+                # With nobody up, look at them all again at once, not in 100 ms.
+                nobody_up = len(self._down) == len(self.addresses)
+                if nobody_up or time.monotonic() >= self._next_look_at_down:
                     self._idle.extend(self._down)
                     self._down.clear()
                     self._next_look_at_down = time.monotonic() + CHECK_INTERVAL_MS / 1000
@@ -656,13 +640,11 @@ class Client(Executor):
                         return connection
                     self._down.append(connection)
                 # Time with no worker up counts against the timeout; waiting for a busy one
-                # to finish does not.
+                # to finish does not. Nobody up, and one keeps refusing our key: say so.
                 if len(self._down) < len(self.addresses):
                     nobody_up_since = time.monotonic()
-                else:  # nobody is up: look at them all again next time, not in 100 ms
-                    self._next_look_at_down = 0
-                    for connection in self._down:
-                        connection.read_events()  # raises if a worker keeps refusing our key
+                elif refusing := [c.address for c in self._down if c.failed_handshakes >= HANDSHAKE_ATTEMPTS]:
+                    raise AuthenticationError(f"handshake with {refusing[0]} failed: do both ends use the same key?")
                 waited, workers = time.monotonic() - nobody_up_since, ", ".join(self.addresses[:3])
                 if self.timeout is not None and waited >= self.timeout:
                     raise TimeoutError(f"no worker came up at {workers} within {self.timeout} s")
@@ -716,16 +698,6 @@ _default_client = None
 _default_client_lock = threading.Lock()
 
 
-def forget_the_default_client():
-    """Start afresh in a forked child: the parent's Client works only in the parent, and its
-    lock may have been held by a thread that the child does not have."""
-    global _default_client, _default_client_lock
-    _default_client, _default_client_lock = None, threading.Lock()
-
-
-os.register_at_fork(after_in_child=forget_the_default_client)
-
-
 def queue(fn, /, *args, **kwargs):
     """Run fn(*args, **kwargs) on a worker and return its result, or raise its exception.
 
@@ -734,7 +706,8 @@ def queue(fn, /, *args, **kwargs):
     """
     global _default_client
     with _default_client_lock:
-        if _default_client is None:
+        # A process forked from one that made it makes its own: the parent's works only there.
+        if _default_client is None or _default_client._pid != os.getpid():
             timeout = os.environ.get("BROKEST_TIMEOUT")
             _default_client = Client(os.environ.get("BROKEST_ADDRESS", DEFAULT_ADDRESS),
                                      timeout=float(timeout) if timeout else None,
@@ -758,17 +731,16 @@ class Supervisor:
     def run(self):
         """Start a worker on every listener, replace those that exit, end those stuck past
         their hard limit, restart them all on SIGHUP, stop them all at the end."""
-        log.info("supervisor %d serving ports %s", os.getpid(),
-                 ", ".join(str(listener.getsockname()[1]) for listener in self.listeners))
-        handlers = {signal.SIGINT: self.stop, signal.SIGTERM: self.stop, signal.SIGHUP: self.restart}
+        ports = ", ".join(str(listener.getsockname()[1]) for listener in self.listeners)
+        log.info("supervisor %d serving ports %s", os.getpid(), ports)
+        handlers = {signal.SIGINT: self.stop, signal.SIGTERM: self.stop, signal.SIGHUP: self.retire_workers}
         with signal_handlers(handlers):
             for listener in self.listeners:
                 self.spawn_worker(listener, delay=0)
             while not self.stopping.is_set():
                 self.replace_exited_workers()
                 self.abort_stuck_workers()
-        for _, process, _, _, _ in self.workers.values():
-            process.terminate()  # SIGTERM: each finishes its task, drains its socket, exits
+        self.retire_workers()
         for _, process, _, _, _ in self.workers.values():
             process.join()
 
@@ -776,11 +748,11 @@ class Supervisor:
         """Make run() stop the workers and return."""
         self.stopping.set()
 
-    def restart(self, *signal_args):
-        """Ask every worker to retire after its task: the processes that replace them import
-        the task modules afresh."""
+    def retire_workers(self, *signal_args):
+        """Ask every worker to stop after its task and drain; on SIGHUP the loop starts fresh
+        ones, which import the task modules anew."""
         for _, process, _, _, _ in list(self.workers.values()):
-            process.terminate()
+            process.terminate()  # SIGTERM
 
     def spawn_worker(self, listener, delay):
         """Start a worker process that serves on listener once delay seconds have passed."""
@@ -789,27 +761,23 @@ class Supervisor:
         # hard_deadline. Until the child sets its own handlers it has ours: a signal sent to
         # it meanwhile would run them there, and be lost, so signals wait until it is ready.
         process = multiprocessing.get_context("fork").Process(target=run_worker, args=(worker, delay))
-        signal.pthread_sigmask(signal.SIG_BLOCK, SUPERVISOR_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         process.start()
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, SUPERVISOR_SIGNALS)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         self.workers[process.sentinel] = listener, process, worker, time.monotonic() + delay, delay
 
     def replace_exited_workers(self):
         """Wait up to CHECK_INTERVAL_MS for workers to exit; log why, and start their successors."""
         for sentinel in multiprocessing.connection.wait(self.workers, CHECK_INTERVAL_MS / 1000):
-            listener, process, _, serving_since, delay = self.workers.pop(sentinel)
+            listener, process, worker, serving_since, delay = self.workers.pop(sentinel)
             process.join()
-            port, code = listener.getsockname()[1], process.exitcode
-            if code == 0:  # it retired, as planned: no reason to wait
-                delay = 0
-                log.info("worker %d on port %d retired; starting another", process.pid, port)
-            else:
-                died_young = time.monotonic() - serving_since < 1  # then wait longer each time
-                delay = min(max(2 * delay, RESTART_DELAY_S), RESTART_DELAY_MAX_S) if died_young else 0
-                how = (f"was killed by {signal.Signals(-code).name}" if code < 0
-                       else f"exited with status {code}")
-                log.warning("worker %d on port %d %s; starting another in %.1f s", process.pid,
-                            port, how, delay)
+            code = process.exitcode  # 0: it retired, as planned, and its successor need not wait
+            died_young = code != 0 and time.monotonic() - serving_since < 1  # then wait longer each time
+            delay = min(max(2 * delay, RESTART_DELAY_S), RESTART_DELAY_MAX_S) if died_young else 0
+            how = ("retired" if code == 0 else f"was killed by {signal.Signals(-code).name}" if code < 0
+                   else f"exited with status {code}")
+            log.log(logging.INFO if code == 0 else logging.WARNING, "worker %d on port %d %s; starting "
+                    "another in %.1f s", process.pid, worker.port, how, delay)
             if not self.stopping.is_set():
                 self.spawn_worker(listener, delay)
 
@@ -818,8 +786,7 @@ class Supervisor:
         now = time.monotonic()
         for listener, process, worker, _, _ in self.workers.values():
             if worker.hard_deadline.value < now:
-                log.warning("worker %d on port %d: its task ran %.0f s past its time limit; "
-                            "aborting it", process.pid, listener.getsockname()[1], HARD_LIMIT_GRACE_S)
+                log.warning("worker %d on port %d ran past its hard time limit; aborting it", process.pid, worker.port)
                 worker.hard_deadline.value = math.inf  # abort it once
                 # SIGABRT: faulthandler, enabled in run_worker, first prints where it was stuck.
                 os.kill(process.pid, signal.SIGABRT)
@@ -827,9 +794,9 @@ class Supervisor:
 
 def run_worker(worker, delay):
     """Serve as a supervised worker process until stopped, or orphaned by the supervisor."""
-    for signum in SUPERVISOR_SIGNALS:  # until the Worker handles them, they end us at once
+    for signum in STOP_SIGNALS:  # until the Worker handles them, they end us at once
         signal.signal(signum, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, SUPERVISOR_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     time.sleep(delay)
     faulthandler.enable()  # a task that crashes the process leaves its traceback in the log
     threading.Thread(target=stop_when_orphaned, args=(worker,), daemon=True).start()

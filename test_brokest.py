@@ -844,7 +844,7 @@ def test_task_that_runs_on_past_its_limit_is_killed_and_its_port_serves_again(
     new_pid = worker.wait_for_new_worker(worker.address, old_pid)
     assert client.queue(identify, 0)[0] == new_pid
     assert time.monotonic() - started < 1 + 4  # within 4 s of the limit
-    assert worker.wait_for_log(f"worker {old_pid} on port .* past its time limit; aborting it")
+    assert worker.wait_for_log(f"worker {old_pid} on port .* ran past its hard time limit; aborting it")
     assert worker.wait_for_log(f"line \\d+ in {task.__name__}")  # faulthandler: where it was stuck
     assert worker.wait_for_log(f"worker {old_pid} on port .* was killed by SIGABRT")
 
