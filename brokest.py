@@ -83,8 +83,7 @@ DEFAULT_ADDRESS = "tcp://127.0.0.1:9090"
 # How often a client pings its worker, and how long a silent worker may stay quiet before we
 # call it lost. The worker's libzmq I/O thread answers pings even while a task holds the GIL,
 # so a long task is never mistaken for a dead worker; a frozen one is noticed in about 2 s.
-HEARTBEAT_INTERVAL_MS = 500
-HEARTBEAT_TIMEOUT_MS = 1500
+HEARTBEAT_INTERVAL_MS, HEARTBEAT_TIMEOUT_MS = 500, 1500
 # How long a waiting client or worker looks only at its sockets before it checks the rest:
 # whether a worker was lost or is late, whether stop() was called.
 CHECK_INTERVAL_MS = 100
@@ -183,9 +182,8 @@ def loads(body, buffers=()):
     try:
         return pickle.loads(body, buffers=buffers)
     except ModuleNotFoundError as error:  # something was pickled by reference to a module
-        raise RemoteError(f"could not unpickle the message: {error!r}; install {error.name} "
-                          f"where it is unpickled, or send it by value: call cloudpickle."
-                          f"register_pickle_by_value({error.name}) before sending") from None
+        raise RemoteError(f"could not unpickle the message: {error!r}; install {error.name} where it is "
+                          f"unpickled, or call cloudpickle.register_pickle_by_value({error.name}) to send it by value") from None
     except (Exception, SystemExit) as error:
         raise RemoteError(f"could not unpickle the message: {error!r}") from None
 
@@ -325,44 +323,38 @@ class Worker:
             raise ValueError("--max-tasks and --max-memory must be at least 1")
         self.host, self.port, self.time_limit, self.fd = host, port, time_limit, fd
         self.max_tasks, self.max_memory, self.tasks = max_tasks, max_memory, 0
-        self.address = None
-        self._stopping = threading.Event()
+        self.address, self._stopping = None, threading.Event()
         # When the running task passes its hard limit (time.monotonic(); inf: no task, or no
         # limit), in memory that a supervisor which forked us shares: it ends us then.
         self.hard_deadline = multiprocessing.RawValue("d", math.inf)
 
     def start(self):
-        """Bind, then serve requests until stop(), SIGINT, SIGTERM or SIGHUP, or until retired."""
+        """Bind, then answer requests until stop(), SIGINT, SIGTERM or SIGHUP, or until
+        retired; then drain the socket."""
         # A context of its own: closing a socket frees its port later, in the background;
         # terminating its context (leaving the with) waits until that is done, so the port is
-        # free when start() returns.
+        # free when start() returns. A reply still on its way gets a second to leave.
         with zmq.Context() as context, context.socket(zmq.REP) as socket:
-            self.serve(socket)
+            socket.linger, socket.rcvtimeo, socket.use_fd = 1000, CHECK_INTERVAL_MS, self.fd
+            if self.key:
+                socket.curve_server = True
+                socket.curve_secretkey = curve_secret_key(self.key)
+            # Handlers before we say we listen: a signal may follow at once.
+            with signal_handlers({**dict.fromkeys(STOP_SIGNALS, self.stop), signal.SIGALRM: raise_time_limit}):
+                socket.bind(f"tcp://{self.host}:{self.port or '*'}")
+                self.address = socket.last_endpoint.decode()
+                log.info("worker %d listening on %s", os.getpid(), self.address)
+                while not self._stopping.is_set():
+                    try:
+                        request = receive(socket)
+                    except zmq.Again:
+                        continue
+                    reply, log_line = self.answer(request)
+                    socket.send_multipart(reply, copy=False)
+                    del request, reply  # large ones would stay in memory while the next one comes
+                    log.log(*log_line)  # after the reply: the caller need not wait for it
+                self.drain(socket)
         log.info("worker %d on %s stopped", os.getpid(), self.address)
-
-    def serve(self, socket):
-        """Bind socket, answer requests on it until stopped, then drain it."""
-        socket.linger = 0
-        socket.rcvtimeo = CHECK_INTERVAL_MS
-        socket.use_fd = self.fd
-        if self.key:
-            socket.curve_server = True
-            socket.curve_secretkey = curve_secret_key(self.key)
-        handlers = {**dict.fromkeys(STOP_SIGNALS, self.stop), signal.SIGALRM: raise_time_limit}
-        with signal_handlers(handlers):  # before we say we listen: a signal may follow
-            socket.bind(f"tcp://{self.host}:{self.port or '*'}")
-            self.address = socket.last_endpoint.decode()
-            log.info("worker %d listening on %s", os.getpid(), self.address)
-            while not self._stopping.is_set():
-                try:
-                    request = receive(socket)
-                except zmq.Again:
-                    continue
-                reply, log_line = self.answer(request)
-                socket.send_multipart(reply, copy=False)
-                del request, reply  # large ones would stay in memory while the next one comes
-                log.log(*log_line)  # after the reply: the caller need not wait for it
-            self.drain(socket)
 
     def stop(self, *signal_args):
         """Make start() return once the running task is answered and the socket drained (about
@@ -447,8 +439,7 @@ class Connection:
         # in mid-conversation (the Guide's "Lazy Pirate" closes and reopens it). Relaxed, it
         # sends anew; correlated, it drops the late reply to an abandoned request.
         self.socket.req_relaxed = self.socket.req_correlate = 1
-        self.socket.heartbeat_ivl = HEARTBEAT_INTERVAL_MS
-        self.socket.heartbeat_timeout = HEARTBEAT_TIMEOUT_MS
+        self.socket.heartbeat_ivl, self.socket.heartbeat_timeout = HEARTBEAT_INTERVAL_MS, HEARTBEAT_TIMEOUT_MS
         self.socket.reconnect_ivl_max = RECONNECT_INTERVAL_MAX_MS
         if key:
             # Whoever answers must prove that it holds the worker's secret key. Our keypair is
@@ -528,12 +519,10 @@ class Client(Executor):
         self._context = zmq.Context()
         # libzmq allows 1,023 sockets per context unless told; a connection takes three.
         self._context.max_sockets = self._context.get(zmq.SOCKET_LIMIT)
-        self._idle = collections.deque(Connection(self._context, address, self.key)
-                                       for address in self.addresses)
+        self._idle = collections.deque(Connection(self._context, address, self.key) for address in self.addresses)
         # Idle connections whose worker was down when last seen, and when to look again.
         self._down, self._next_look_at_down = [], 0
-        self._changed = threading.Condition()
-        self._closed, self._pid = False, os.getpid()
+        self._changed, self._closed, self._pid = threading.Condition(), False, os.getpid()
         # submit() runs queue() on these threads, map() its chunks: as many as there are workers.
         self._threads = ThreadPoolExecutor(len(self.addresses), thread_name_prefix="brokest")
 
@@ -582,8 +571,7 @@ class Client(Executor):
     def _check_process(self):
         """Raise RuntimeError in a process forked from the one that made this Client."""
         if os.getpid() != self._pid:  # our ZeroMQ context and threads stayed in the parent
-            raise RuntimeError(f"this Client was made in process {self._pid}, before a fork: "
-                               "make a Client in this process")
+            raise RuntimeError(f"this Client was made in process {self._pid}: make a Client in this process")
 
     def _submit_chunks(self, function, calls, chunksize):
         """Yield a future for each chunk of calls, submitted as soon as it is read; if reading
@@ -629,8 +617,7 @@ class Client(Executor):
                 # Asking a socket whether it is ready takes microseconds: with hundreds of
                 # workers down, looking at them all for every call would take milliseconds.
                 # With nobody up, look at them all again at once, not in 100 ms.
-                nobody_up = len(self._down) == len(self.addresses)
-                if nobody_up or time.monotonic() >= self._next_look_at_down:
+                if len(self._down) == len(self.addresses) or time.monotonic() >= self._next_look_at_down:
                     self._idle.extend(self._down)
                     self._down.clear()
                     self._next_look_at_down = time.monotonic() + CHECK_INTERVAL_MS / 1000
@@ -725,16 +712,14 @@ class Supervisor:
 
     def __init__(self, listeners, options):
         self.listeners, self.options = listeners, options
-        self.workers = {}  # sentinel -> (listener, process, Worker, when it began to serve, its delay)
-        self.stopping = threading.Event()
+        # workers: sentinel -> (listener, process, Worker, when it began to serve, its delay)
+        self.workers, self.stopping = {}, threading.Event()
 
     def run(self):
         """Start a worker on every listener, replace those that exit, end those stuck past
         their hard limit, restart them all on SIGHUP, stop them all at the end."""
-        ports = ", ".join(str(listener.getsockname()[1]) for listener in self.listeners)
-        log.info("supervisor %d serving ports %s", os.getpid(), ports)
-        handlers = {signal.SIGINT: self.stop, signal.SIGTERM: self.stop, signal.SIGHUP: self.retire_workers}
-        with signal_handlers(handlers):
+        log.info("supervisor %d serving ports %s", os.getpid(), [listener.getsockname()[1] for listener in self.listeners])
+        with signal_handlers({signal.SIGINT: self.stop, signal.SIGTERM: self.stop, signal.SIGHUP: self.retire_workers}):
             for listener in self.listeners:
                 self.spawn_worker(listener, delay=0)
             while not self.stopping.is_set():
@@ -770,7 +755,6 @@ class Supervisor:
         """Wait up to CHECK_INTERVAL_MS for workers to exit; log why, and start their successors."""
         for sentinel in multiprocessing.connection.wait(self.workers, CHECK_INTERVAL_MS / 1000):
             listener, process, worker, serving_since, delay = self.workers.pop(sentinel)
-            process.join()
             code = process.exitcode  # 0: it retired, as planned, and its successor need not wait
             died_young = code != 0 and time.monotonic() - serving_since < 1  # then wait longer each time
             delay = min(max(2 * delay, RESTART_DELAY_S), RESTART_DELAY_MAX_S) if died_young else 0
@@ -783,9 +767,8 @@ class Supervisor:
 
     def abort_stuck_workers(self):
         """End every worker whose task runs past its hard limit, so its port is served again."""
-        now = time.monotonic()
-        for listener, process, worker, _, _ in self.workers.values():
-            if worker.hard_deadline.value < now:
+        for _, process, worker, _, _ in self.workers.values():
+            if worker.hard_deadline.value < time.monotonic():
                 log.warning("worker %d on port %d ran past its hard time limit; aborting it", process.pid, worker.port)
                 worker.hard_deadline.value = math.inf  # abort it once
                 # SIGABRT: faulthandler, enabled in run_worker, first prints where it was stuck.
