@@ -755,6 +755,7 @@ class Supervisor:
         """Wait up to CHECK_INTERVAL_MS for workers to exit; log why, and start their successors."""
         for sentinel in multiprocessing.connection.wait(self.workers, CHECK_INTERVAL_MS / 1000):
             listener, process, worker, serving_since, delay = self.workers.pop(sentinel)
+            process.join()  # its sentinel can be ready a moment before its exit status is
             code = process.exitcode  # 0: it retired, as planned, and its successor need not wait
             died_young = code != 0 and time.monotonic() - serving_since < 1  # then wait longer each time
             delay = min(max(2 * delay, RESTART_DELAY_S), RESTART_DELAY_MAX_S) if died_young else 0

@@ -5,8 +5,10 @@ sockets; faults are real too: workers are killed and frozen by their own pid.
 The task functions below are pickled by reference, and the workers import them from this file.
 """
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
+import gc
 import hmac
 import itertools
 import logging
@@ -16,10 +18,12 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import cloudpickle
@@ -76,6 +80,12 @@ def sleep_then_return(seconds, value):
 def touch_then_sleep(path, seconds):
     Path(path).touch()
     time.sleep(seconds)
+
+
+def sleep_then_return_after_touching(path, seconds, value):
+    Path(path).touch()
+    time.sleep(seconds)
+    return value
 
 
 def keep_python_busy(seconds):
@@ -161,6 +171,26 @@ def tag_the_secret(value):
 def log_the_run(path):
     with open(path, "a") as runs:
         runs.write("run\n")
+
+
+def record_the_run(path, tag):
+    """Note tag and this worker's pid in path (one line, appended at once); return tag."""
+    with open(path, "a") as runs:
+        runs.write(f"{tag} {os.getpid()}\n")
+    return tag
+
+
+class Token:
+    """A result that a weak reference can follow."""
+
+
+def make_token(n):
+    return Token()
+
+
+def numbers_then_a_failure(count):
+    yield from range(count)
+    raise LookupError("the input failed")
 
 
 class CreatesFileWhenUnpickled:
@@ -626,13 +656,18 @@ def test_map_sends_its_chunks_to_all_workers_at_once(two_workers, make_client, t
     assert {pids[0], pids[2]} == {w.pid for w in two_workers}
 
 
-def test_map_timeout_counts_from_the_call_for_all_results(worker, make_client):
-    results = make_client(worker.address).map(sleep_then_return, [0.5, 0.5, 0.5], "abc", timeout=1.2)
+@pytest.mark.parametrize("buffersize", [None, 1])
+def test_map_timeout_counts_from_the_call_for_all_results(worker, make_client, buffersize):
+    # one worker runs calls of 0.1, 1 and 3 s in turn: the first two are back well before
+    # the 2 s timeout, the third is not. Counted from the last result, it would end at 3.1 s.
+    client = make_client(worker.address)
+    client.queue(echo, 0)  # the worker imports this module now, not during the map
     started = time.monotonic()
+    results = client.map(sleep_then_return, [0.1, 1, 3], "abc", timeout=2, buffersize=buffersize)
     assert next(results) == "a" and next(results) == "b"
     with pytest.raises(TimeoutError):
         next(results)
-    assert time.monotonic() - started < 2
+    assert 2 <= time.monotonic() - started < 2.9
 
 
 def test_map_that_is_not_read_to_the_end_runs_no_more_chunks(worker, make_client, tmp_path):
@@ -650,6 +685,103 @@ def test_map_that_is_not_read_to_the_end_runs_no_more_chunks(worker, make_client
 def test_map_refuses_a_chunksize_below_one(worker, make_client, chunksize):
     with pytest.raises(ValueError, match="chunksize"):
         make_client(worker.address).map(add, [1], [2], chunksize=chunksize)
+
+
+# --- Large and endless inputs: map's buffersize ---
+
+@pytest.mark.parametrize("buffersize, error, message", [
+    (1.5, TypeError, "buffersize must be an integer or None"),
+    ("2", TypeError, "buffersize must be an integer or None"),
+    (0, ValueError, "buffersize must be None or > 0"),
+    (-1, ValueError, "buffersize must be None or > 0")])
+def test_map_refuses_a_buffersize_as_python_3_14_does(make_client, buffersize, error, message):
+    client = make_client(f"tcp://127.0.0.1:{free_port()}")  # raised by map() itself: no worker needed
+    with pytest.raises(error, match=re.escape(message)):
+        client.map(abs, [1], buffersize=buffersize)
+
+
+@pytest.mark.parametrize("buffersize", [1, 2, 4, 8])
+def test_map_with_a_buffersize_returns_results_in_order(two_workers, make_client, buffersize):
+    client = make_client([w.address for w in two_workers], timeout=20)
+    results = client.map(add, range(50), range(100, 200), chunksize=3, buffersize=buffersize)
+    assert list(results) == [n + 100 + n for n in range(50)]
+
+
+@pytest.mark.parametrize("chunksize", [1, 7])
+def test_map_with_a_buffersize_takes_an_endless_input(two_workers, make_client, chunksize):
+    client = make_client([w.address for w in two_workers], timeout=20)
+    results = client.map(abs, itertools.count(), chunksize=chunksize, buffersize=2)
+    assert list(itertools.islice(results, 40)) == list(range(40))
+    results.close()
+
+
+def test_map_reads_buffersize_chunks_at_the_call_then_one_more_as_each_chunk_starts(worker, make_client):
+    read = []
+
+    def numbers():
+        for n in itertools.count():
+            read.append(n)
+            yield n
+
+    results = make_client(worker.address, timeout=20).map(abs, numbers(), chunksize=3, buffersize=2)
+    assert len(read) == 6  # two chunks of three, before any result was asked for
+    assert next(results) == 0 and len(read) == 9  # the first chunk's results start: one more
+    assert [next(results), next(results)] == [1, 2] and len(read) == 9
+    assert next(results) == 3 and len(read) == 12
+
+
+@pytest.mark.parametrize("how", ["close", "del"])
+def test_a_buffered_map_closed_or_dropped_runs_no_more_chunks(worker, make_client, tmp_path, how):
+    # one worker, so chunks run one at a time; the input would go on for ever
+    runs = tmp_path / "runs"
+    client = make_client(worker.address, timeout=20)
+    results = client.map(count_the_run_then_sleep, itertools.repeat(runs), itertools.repeat(0.2),
+                         buffersize=2)
+    assert next(results) is None  # three chunks were sent: the first ran, the second may run
+    if how == "close":
+        results.close()
+    else:
+        del results  # the last reference: the generator is closed at once
+    client.submit(abs, -1).result(timeout=20)  # queued behind whatever had started
+    assert len(runs.read_text().splitlines()) <= 2
+
+
+@pytest.mark.parametrize("buffersize", [None, 2])
+@pytest.mark.parametrize("chunksize, before", [(1, [0, 1, 2, 3, 4]), (2, [0, 1, 2, 3])])
+def test_map_raises_an_exception_of_its_input_after_the_results_of_the_chunks_before(
+        worker, make_client, buffersize, chunksize, before):
+    # five numbers, then the input raises: it takes the place of the chunk it was reading
+    results = make_client(worker.address, timeout=20).map(
+        abs, numbers_then_a_failure(5), chunksize=chunksize, buffersize=buffersize)
+    assert [next(results) for _ in before] == before
+    with pytest.raises(LookupError, match="the input failed"):
+        next(results)
+
+
+@pytest.mark.parametrize("buffersize", [None, 1])
+def test_map_keeps_no_reference_to_a_result_it_yielded(worker, make_client, buffersize):
+    # one chunk of three results: the first one yielded must be free, though the chunk is not
+    results = make_client(worker.address, timeout=20).map(make_token, range(3), chunksize=3,
+                                                            buffersize=buffersize)
+    first = weakref.ref(next(results))
+    gc.collect()
+    assert first() is None
+    assert isinstance(next(results), Token)
+
+
+def test_a_buffered_map_of_millions_of_items_keeps_the_client_memory_flat(two_workers):
+    # in a fresh process, whose peak memory is its own: 3,000,000 items, 4 chunks ahead
+    script = (
+        "import resource, sys, brokest\n"
+        "client = brokest.Client(sys.argv[1:])\n"
+        "list(client.map(abs, range(10_000), chunksize=1000))\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "total = sum(client.map(abs, range(3_000_000), chunksize=3000, buffersize=4))\n"
+        "print(total, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n")
+    output = subprocess.run([sys.executable, "-c", script, *(w.address for w in two_workers)],
+                            cwd=HERE, capture_output=True, text=True, timeout=50, check=True).stdout
+    total, growth_mb = map(int, output.split())
+    assert total == sum(range(3_000_000)) and growth_mb < 30
 
 
 def test_client_of_a_thousand_workers_dispatches_to_the_hundred_that_are_up(start_worker):
@@ -929,6 +1061,201 @@ def test_a_port_range_names_the_workers_of_processes(start_worker, make_client, 
 def test_a_malformed_port_range_is_a_value_error(address):
     with pytest.raises(ValueError, match="port range"):
         brokest.Client(address)
+
+
+# --- A pool that runs for months: recycling, rolling restarts, forks ---
+
+def test_supervisor_logs_its_pid_and_ports_when_it_starts(start_worker):
+    workers = start_worker("--processes", "2", workers=2)
+    [line] = workers.wait_for_log(r"supervisor \d+ serving ports")
+    assert f"supervisor {workers.process.pid} serving ports" in line
+    assert all(address.rsplit(":", 1)[1] in line for address in workers.addresses)
+
+
+def test_recycled_workers_lose_no_call_and_run_none_twice(start_worker, make_client, tmp_path):
+    # two Clients, 300 calls each, on two workers that retire after 7 tasks; no retries
+    workers = start_worker("--processes", "2", "--max-tasks", "7", workers=2)
+    runs = tmp_path / "runs"
+
+    def record(tag):  # sent by value: a fresh worker has nothing to import for it
+        with open(runs, "a") as file:
+            file.write(f"{tag} {os.getpid()}\n")
+        return tag
+
+    def calls(client, name):
+        return list(client.map(record, [f"{name}-{n}" for n in range(300)], timeout=120))
+
+    clients = [make_client(workers.addresses, timeout=30) for _ in range(2)]
+    with concurrent.futures.ThreadPoolExecutor(2) as callers:
+        results = list(callers.map(calls, clients, "ab"))
+    assert results == [[f"{name}-{n}" for n in range(300)] for name in "ab"]
+    tags, pids = zip(*(line.split() for line in runs.read_text().splitlines()))
+    assert sorted(tags) == sorted(results[0] + results[1])  # each call ran exactly once
+    assert max(collections.Counter(pids).values()) <= 7 and len(set(pids)) >= 600 // 7
+
+
+def test_max_tasks_1_serves_each_call_in_a_fresh_process_without_delay(start_worker, make_client):
+    workers = start_worker("--max-tasks", "1")
+    client = make_client(workers.address, timeout=10)
+    started = time.monotonic()
+    pids = [client.queue(os.getpid) for _ in range(12)]
+    assert len(set(pids)) == 12
+    assert time.monotonic() - started < 8
+    assert workers.wait_for_log(r"worker \d+ on port \d+ retired; starting another in 0.0 s", count=12)
+
+
+def test_max_memory_recycles_a_worker_that_grew_past_it_and_keeps_one_that_did_not(
+        start_worker, make_client):
+    workers = start_worker("--max-memory", "150")
+    client = make_client(workers.address, timeout=20)
+
+    def allocate(megabytes):  # sent by value: nothing to import
+        return len(b"x" * (megabytes << 20)) and os.getpid()
+
+    first = client.queue(allocate, 1)
+    assert client.queue(allocate, 1) == first  # far below the limit: the same process serves on
+    assert client.queue(allocate, 200) == first  # above it: the process retires after this task
+    assert client.queue(allocate, 1) != first
+    assert workers.wait_for_log(f"worker {first} retiring after 3 tasks, peak memory")
+
+
+@pytest.mark.parametrize("option", ["--max-tasks", "--max-memory"])
+@pytest.mark.parametrize("value", ["0", "-3"])
+def test_max_tasks_or_memory_below_one_ends_the_cli_with_status_2(option, value):
+    result = subprocess.run([sys.executable, str(HERE / "brokest.py"), "--port", "0", option, value],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "must be at least 1" in result.stderr
+
+
+def test_sighup_restarts_every_worker_after_its_task_and_no_call_fails(start_worker, make_client,
+                                                                       tmp_path):
+    # two workers: one runs a 2 s task, the other a stream of quick calls, when SIGHUP comes
+    workers = start_worker("--processes", "2", workers=2)
+    old_pids = {address: workers.pid_on(address) for address in workers.addresses}
+    client = make_client(workers.addresses, timeout=30)
+    slow = client.submit(sleep_then_return_after_touching, tmp_path / "started", 2, "slow")
+    wait_until((tmp_path / "started").exists)
+    answered, stop = [], threading.Event()
+
+    def stream():
+        while not stop.is_set():
+            answered.append(client.queue(os.getpid))
+
+    with concurrent.futures.ThreadPoolExecutor(1) as streamer:
+        streaming = streamer.submit(stream)
+        wait_until(lambda: len(answered) > 10)
+        workers.process.send_signal(signal.SIGHUP)
+        new_pids = {workers.wait_for_new_worker(address, pid) for address, pid in old_pids.items()}
+        wait_until(lambda: new_pids & set(answered[-5:]))  # the stream goes on, on new processes
+        stop.set()
+        streaming.result(timeout=10)  # raises what any call of the stream raised
+    assert slow.result(timeout=10) == "slow"
+    assert workers.process.poll() is None  # the supervisor stays
+
+
+def test_sighup_makes_the_workers_import_a_changed_module_afresh(start_worker, make_client, tmp_path,
+                                                                 monkeypatch):
+    module = tmp_path / "task_that_changes.py"
+    module.write_text("def version():\n    return 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import task_that_changes
+    workers = start_worker(env={"PYTHONPATH": f"{tmp_path}{os.pathsep}{HERE}",
+                                "PYTHONDONTWRITEBYTECODE": "1"})
+    client = make_client(workers.address, timeout=10)
+    assert client.queue(task_that_changes.version) == 1
+    module.write_text("def version():\n    return 2\n")
+    old_pid = workers.pid
+    workers.process.send_signal(signal.SIGHUP)
+    workers.wait_for_new_worker(workers.address, old_pid)
+    assert client.queue(task_that_changes.version) == 2
+
+
+def test_a_worker_sent_sigterm_loses_none_of_the_requests_queued_at_it(start_worker, make_client,
+                                                                        tmp_path):
+    # one worker runs a 1 s task; three other Clients queue a call each behind it; no retries
+    workers = start_worker()
+    old_pid, runs = workers.pid, tmp_path / "runs"
+    busy = make_client(workers.address).submit(sleep_then_return_after_touching,
+                                               tmp_path / "started", 1, "busy")
+    wait_until((tmp_path / "started").exists)
+    queued = [make_client(workers.address).submit(record_the_run, runs, n) for n in range(3)]
+    os.kill(old_pid, signal.SIGTERM)
+    assert busy.result(timeout=10) == "busy"  # the running task finishes and answers
+    assert sorted(call.result(timeout=20) for call in queued) == [0, 1, 2]
+    new_pid = workers.wait_for_new_worker(workers.address, old_pid)
+    assert sorted(runs.read_text().splitlines()) == [f"{n} {new_pid}" for n in range(3)]  # once each
+    assert workers.wait_for_log(f"worker {old_pid} on port \\d+ retired")
+
+
+FORKED_QUEUE = """
+import multiprocessing, brokest
+
+def remote_abs(n):
+    return brokest.queue(abs, n)
+
+print(remote_abs(-1))
+with multiprocessing.get_context("fork").Pool(2) as pool:
+    print(pool.map(remote_abs, [-2, -3, -4]))
+"""
+
+
+def test_queue_works_in_processes_forked_after_the_parent_used_it(worker):
+    result = subprocess.run([sys.executable, "-c", FORKED_QUEUE], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "BROKEST_ADDRESS": worker.address})
+    assert result.stdout.splitlines() == ["1", "[2, 3, 4]"], result.stderr
+
+
+FORKED_CLIENT = """
+import os, sys, brokest
+client = brokest.Client(sys.argv[1], timeout=10)
+print(client.queue(abs, -1))
+child = os.fork()
+if child == 0:
+    try:
+        {call}
+    except RuntimeError as error:
+        print("the child:", error)
+    os._exit(0)
+os.waitpid(child, 0)
+print(client.queue(abs, -3))
+"""
+
+
+@pytest.mark.parametrize("call", ["client.queue(abs, -2)", "client.submit(abs, -2).result(5)",
+                                  "list(client.map(abs, [-2]))"])
+def test_a_client_carried_into_a_forked_child_says_to_make_one_there(worker, call):
+    result = subprocess.run([sys.executable, "-c", FORKED_CLIENT.format(call=call), worker.address],
+                            capture_output=True, text=True, timeout=60, cwd=HERE)
+    lines = result.stdout.splitlines()
+    assert lines[0] == "1" and lines[2] == "3", result.stderr
+    assert lines[1].startswith("the child: this Client was made in process")
+    assert lines[1].endswith("make a Client in this process")
+
+
+def cpu_seconds_of(pid):
+    """Return the CPU time all threads of a process have used, to the nanosecond."""
+    return sum(int(Path(task, "schedstat").read_text().split()[0])
+               for task in Path(f"/proc/{pid}/task").iterdir()) / 1e9
+
+
+@pytest.mark.cpu_cost
+def test_a_time_limit_costs_the_worker_at_most_15_microseconds_of_cpu_per_task(start_worker,
+                                                                                make_client):
+    # the same no-op, with and without a timeout (a time limit), in turns; worker CPU per task
+    workers = start_worker()
+    clients = {"limit": make_client(workers.address, timeout=60), "none": make_client(workers.address)}
+    per_task = {name: [] for name in clients}
+    for client in clients.values():
+        for _ in range(300):
+            client.queue(abs, -1)
+    for _ in range(5):
+        for name, client in clients.items():
+            before = cpu_seconds_of(workers.pid)
+            for _ in range(1000):
+                client.queue(abs, -1)
+            per_task[name].append((cpu_seconds_of(workers.pid) - before) / 1000)
+    extra = statistics.median(per_task["limit"]) - statistics.median(per_task["none"])
+    assert extra < 15e-6, f"a time limit costs {extra * 1e6:.1f} us of worker CPU per task"
 
 
 # --- Bad input never kills a worker ---
