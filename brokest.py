@@ -232,7 +232,8 @@ def run_task(fn, call, deadline):
         try:
             return "result", out_of_band(fn(*args, **kwargs))
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
+            if deadline < math.inf:  # a system call, saved for every call without a limit
+                signal.setitimer(signal.ITIMER_REAL, 0)
     except BaseException as exception:  # SystemExit too: a task never ends its worker
         return "exception", (exception, "".join(traceback.format_exception(exception)))
 
@@ -577,8 +578,8 @@ class Client(Executor):
         """Yield a future for each chunk of calls, submitted as soon as it is read; if reading
         a chunk raises, a last future raises that exception in the chunk's place."""
         try:
-            while chunk := [(args, {}) for args in itertools.islice(calls, chunksize)]:
-                yield self._threads.submit(self._run, function, chunk)
+            while chunk := list(itertools.islice(calls, chunksize)):  # each call's args, no kwargs
+                yield self._threads.submit(self._run, function, zip(chunk, itertools.repeat({})))
         except Exception as error:  # the input's own, or a shut-down Client's RuntimeError
             failure = Future()
             failure.set_exception(error)
@@ -595,7 +596,7 @@ class Client(Executor):
             connection = self._checkout()
             try:
                 reply_id, retiring, outcomes = unpack_message(self.key, connection.round_trip(request, self.timeout))
-                connection.retiring = retiring == b"retiring"
+                connection.retiring = bool(retiring)  # b"retiring", or empty
             except WorkerLost as lost:
                 if retries == 0:
                     raise

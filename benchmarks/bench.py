@@ -11,9 +11,11 @@ noise disturbs far less than wall time. Workers, echo servers and pools are proc
 script starts on 127.0.0.1 and stops by pid. It needs numpy, for the array payload only.
 """
 import argparse
+import itertools
 import json
 import os
 import platform
+import random
 import resource
 import signal
 import socket
@@ -76,6 +78,12 @@ def children(pid):
     """Return the pids of a process's children."""
     return [int(child) for task in os.listdir(f"/proc/{pid}/task")
             for child in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+
+
+def thread_cpu_seconds(pid):
+    """Return the CPU time all threads of a process have used, to the nanosecond (schedstat)."""
+    return sum(int(Path(task, "schedstat").read_text().split()[0])
+               for task in Path(f"/proc/{pid}/task").iterdir()) / 1e9
 
 
 def cpu_seconds(pid=None):
@@ -309,6 +317,150 @@ def bench_scale(workers_up, addresses_named, tasks):
             "client_file_descriptors": files}
 
 
+def peak_memory_kb():
+    """Return this process's peak resident memory since it was exec'd (getrusage's ru_maxrss
+    carries the parent's peak across exec on Linux; VmHWM does not)."""
+    return int(Path("/proc/self/status").read_text().split("VmHWM:")[1].split()[0])
+
+
+def probe_map(kind, count, chunksize, buffersize, addresses):
+    """In this fresh process, time a map's first result and its end, and the peak memory it
+    added; print them as JSON. kind: abs over range(count), or "200b": a no-op over count
+    strings of 200 characters each, made before the clock starts."""
+    items = range(count) if kind == "abs" else [os.urandom(100).hex() for _ in range(count)]
+    fn = abs if kind == "abs" else noop
+    if addresses == ["pool"]:
+        pool = ProcessPoolExecutor(2)
+        list(pool.map(abs, range(100)))
+        run = lambda: pool.map(fn, items, chunksize=chunksize)  # noqa: E731
+    else:
+        client = brokest.Client(addresses)
+        list(client.map(abs, range(100)))
+        run = lambda: client.map(fn, items, chunksize=chunksize, buffersize=buffersize)  # noqa: E731
+    before = peak_memory_kb()
+    started = time.perf_counter()
+    results = run()
+    next(results)
+    first = time.perf_counter() - started
+    for _ in results:
+        pass
+    print(json.dumps({"first_s": first, "total_s": time.perf_counter() - started,
+                      "peak_growth_mb": (peak_memory_kb() - before) / 1024}))
+
+
+def bench_map_at_any_size():
+    """Run the maps of the issue in fresh processes, each next to the pool where it survives."""
+    addresses, _ = start_workers("-q", processes=2)
+    probes = {
+        "brokest map(abs, range(3,000,000), chunksize=500, buffersize=8)": ("abs", 3_000_000, 500, 8, addresses),
+        "brokest map(abs, range(3,000,000), chunksize=500)": ("abs", 3_000_000, 500, None, addresses),
+        "ProcessPoolExecutor(2).map(abs, range(3,000,000), chunksize=500)": ("abs", 3_000_000, 500, None, ["pool"]),
+        "brokest map over 100,000 strings of 200 bytes": ("200b", 100_000, 1, None, addresses),
+        "brokest map over 100,000 strings of 200 bytes, buffersize=8": ("200b", 100_000, 1, 8, addresses),
+        "ProcessPoolExecutor(2).map over 100,000 strings of 200 bytes": ("200b", 100_000, 1, None, ["pool"]),
+    }
+    results = {}
+    for name, (kind, count, chunksize, buffersize, where) in probes.items():
+        output = subprocess.run([sys.executable, __file__, "--probe-map", kind, str(count), str(chunksize),
+                                 str(buffersize or 0), *where], capture_output=True, text=True,
+                                timeout=600, check=True).stdout
+        results[name] = json.loads(output)
+    return results
+
+
+def bench_pool(rounds, calls):
+    """Time limits, recycling and SIGHUP: worker CPU, calls per second, hand-over."""
+    # Worker CPU per no-op task with a time limit and without, taking turns, ns-precise.
+    addresses, [pid] = start_workers("-q")
+    limited, unlimited = brokest.Client(addresses, timeout=60), brokest.Client(addresses)
+    cpu = {"limit": [], "none": []}
+    for client in (limited, unlimited):
+        for _ in range(500):
+            client.queue(abs, -1)
+    for _ in range(rounds):
+        for name, client in (("limit", limited), ("none", unlimited)):
+            before = thread_cpu_seconds(pid)
+            for _ in range(calls):
+                client.queue(abs, -1)
+            cpu[name].append((thread_cpu_seconds(pid) - before) / calls * 1e6)
+    limited.shutdown()
+    unlimited.shutdown()
+    results = {"time_limit_extra_worker_cpu_us": statistics.median(cpu["limit"]) - statistics.median(cpu["none"]),
+               "worker_cpu_us_without_limit": statistics.median(cpu["none"])}
+    # Calls per second over two workers, recycled every 100 tasks or never; map of no-ops.
+    for name, options in (("never", ()), ("every 100 tasks", ("--max-tasks", "100"))):
+        addresses, _ = start_workers("-q", *options, processes=2)
+        with brokest.Client(addresses) as client:
+            list(client.map(abs, range(200)))
+            started = time.perf_counter()
+            list(client.map(abs, range(5000)))
+            results[f"calls_per_s_recycled_{name}"] = 5000 / (time.perf_counter() - started)
+    results.update(bench_sighup())
+    results.update(bench_close_instant(clients=4, seconds=20 * max(1, rounds // 5)))
+    return results
+
+
+def bench_sighup():
+    """SIGHUP under a stream of calls and one 2 s task: time until every port has a new
+    process that answered, calls that failed, and whether the 2 s task's result came back."""
+    addresses, old_pids = start_workers("-q", processes=2)
+    supervisor = started_processes[-1]
+    with brokest.Client(addresses, timeout=30) as client:
+        stop, answered, failed = threading.Event(), [], []
+
+        def stream():
+            while not stop.is_set():
+                try:
+                    answered.append(client.queue(os.getpid))
+                except Exception as error:  # counted, not raised: the figure is how many
+                    failed.append(error)
+
+        with tempfile.TemporaryDirectory() as directory:
+            slow = client.submit(touch_then_sleep, Path(directory, "started"), 2)
+            while not Path(directory, "started").exists():
+                time.sleep(0.005)
+            streamer = threading.Thread(target=stream)
+            streamer.start()
+            time.sleep(0.2)
+            sent = time.perf_counter()
+            os.kill(supervisor.pid, signal.SIGHUP)
+            while len(set(answered[-50:]) - set(old_pids)) < 2 and time.perf_counter() - sent < 30:
+                time.sleep(0.01)
+            handed_over = time.perf_counter() - sent
+            slow_ok = slow.result(timeout=30) is None
+            stop.set()
+            streamer.join()
+    supervisor.terminate()  # its workers stop with it
+    return {"sighup_all_ports_new_s": handed_over, "sighup_calls": len(answered),
+            "sighup_failed_calls": len(failed), "sighup_running_task_returned": slow_ok}
+
+
+def bench_close_instant(clients, seconds):
+    """Clients that call, then think for 50-200 ms (about the drain time), on workers that
+    retire every 3 tasks, without retries: how many calls meet the close instant (WorkerLost)."""
+    addresses, _ = start_workers("-q", "--max-tasks", "3", processes=2)
+    calls, lost = [0] * clients, [0] * clients
+
+    def caller(n):
+        rng, ends = random.Random(n), time.monotonic() + seconds
+        with brokest.Client(addresses, timeout=30) as client:
+            while time.monotonic() < ends:
+                try:
+                    client.queue(abs, -1)
+                except brokest.WorkerLost:
+                    lost[n] += 1
+                calls[n] += 1
+                time.sleep(rng.uniform(0.05, 0.2))
+
+    threads = [threading.Thread(target=caller, args=(n,)) for n in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return {"stress_calls": sum(calls), "stress_worker_lost": sum(lost), "stress_clients": clients,
+            "stress_seconds": seconds}
+
+
 # --- Report ---
 
 def report(results):
@@ -358,6 +510,24 @@ def report(results):
     rows.append((f"Client of {scale['addresses']} addresses, {scale['up']} up: open, then {scale['tasks']} tasks",
                  f"{scale['open_s']:.2f} s, then {scale['run_s']:.2f} s on {scale['workers_that_served']} workers",
                  f"{scale['client_threads']} threads, {scale['client_file_descriptors']} fds", None, "seconds"))
+    for name, figures in results["map_at_any_size"].items():
+        rows.append((name, f"first result {figures['first_s']:.2f} s, all {figures['total_s']:.1f} s",
+                     f"client peak memory +{figures['peak_growth_mb']:.0f} MB", None, ""))
+    pool = results["pool"]
+    rows.append(("worker CPU per no-op task: with a time limit minus without",
+                 f"{pool['time_limit_extra_worker_cpu_us']:+.1f} us",
+                 f"{pool['worker_cpu_us_without_limit']:.0f} us without", None, "<= 15 us"))
+    rows.append(("map of 5,000 abs over 2 workers, --max-tasks 100",
+                 f"{pool['calls_per_s_recycled_every 100 tasks']:.0f} calls/s",
+                 f"never recycled: {pool['calls_per_s_recycled_never']:.0f} calls/s",
+                 pool["calls_per_s_recycled_every 100 tasks"] / pool["calls_per_s_recycled_never"], ""))
+    rows.append(("SIGHUP under a call stream and a 2 s task",
+                 f"new processes on both ports in {pool['sighup_all_ports_new_s']:.2f} s, "
+                 f"{pool['sighup_failed_calls']} of {pool['sighup_calls']} calls failed",
+                 f"2 s task returned: {pool['sighup_running_task_returned']}", None, "no call fails"))
+    rows.append((f"{pool['stress_clients']} Clients thinking 50-200 ms, --max-tasks 3, no retries, "
+                 f"{pool['stress_seconds']} s", f"{pool['stress_worker_lost']} WorkerLost in {pool['stress_calls']} calls",
+                 f"{pool['stress_worker_lost'] / max(1, pool['stress_calls']):.2%}", None, "measured"))
     print("\n| measure | brokest | reference | ratio to raw | target |\n| --- | --- | --- | --- | --- |")
     for name, figures, reference, ratio_to_raw, target in rows:
         shown = "" if ratio_to_raw is None else f"{ratio_to_raw:.2f}"
@@ -367,11 +537,15 @@ def report(results):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--raw-echo", type=int, metavar="PORT", help=argparse.SUPPRESS)
+    parser.add_argument("--probe-map", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="fewer rounds, for a smoke test")
     parser.add_argument("--json", default=str(HERE / "results.json"), help="where to write results")
     args = parser.parse_args()
     if args.raw_echo:
         return raw_echo_server(args.raw_echo)
+    if args.probe_map:
+        kind, count, chunksize, buffersize, *addresses = args.probe_map
+        return probe_map(kind, int(count), int(chunksize), int(buffersize) or None, addresses)
     scale = 1 if args.quick else 5
     try:
         results = {
@@ -384,6 +558,8 @@ def main():
             "bandwidth": bench_bandwidth(rounds=scale, megabytes=100),
             "lost_worker": bench_lost_worker(),
             "scale": bench_scale(workers_up=100, addresses_named=1000, tasks=1000),
+            "map_at_any_size": bench_map_at_any_size(),
+            "pool": bench_pool(rounds=scale, calls=1000),
         }
     finally:
         for process in started_processes:  # each supervisor takes its workers with it
