@@ -87,10 +87,11 @@ HEARTBEAT_INTERVAL_MS, HEARTBEAT_TIMEOUT_MS = 500, 1500
 # How long a waiting client or worker looks only at its sockets before it checks the rest:
 # whether a worker was lost or is late, whether stop() was called.
 CHECK_INTERVAL_MS = 100
-# How often, at most, a client tries again to reach a worker that is down. A supervised
-# worker's port stays open while it is replaced, so this only delays workers started by hand;
-# a Client of a thousand addresses, most of them down, would spend a core at libzmq's 100 ms.
-RECONNECT_INTERVAL_MAX_MS = 1000
+# How soon a client tries again to reach a worker that went away, and how often at most while
+# it stays down (libzmq doubles the interval). A retired worker's successor serves the same
+# port within milliseconds; a Client of a thousand addresses, most of them down, would spend a
+# core at libzmq's 100 ms.
+RECONNECT_INTERVAL_MS, RECONNECT_INTERVAL_MAX_MS = 10, 1000
 # How long a call waits for a worker to come up before it says so in the log.
 WAITING_WARNING_S = 3.0
 # How long past its timeout a client still waits for the worker's own TimeoutError, which
@@ -441,7 +442,7 @@ class Connection:
         # sends anew; correlated, it drops the late reply to an abandoned request.
         self.socket.req_relaxed = self.socket.req_correlate = 1
         self.socket.heartbeat_ivl, self.socket.heartbeat_timeout = HEARTBEAT_INTERVAL_MS, HEARTBEAT_TIMEOUT_MS
-        self.socket.reconnect_ivl_max = RECONNECT_INTERVAL_MAX_MS
+        self.socket.reconnect_ivl, self.socket.reconnect_ivl_max = RECONNECT_INTERVAL_MS, RECONNECT_INTERVAL_MAX_MS
         if key:
             # Whoever answers must prove that it holds the worker's secret key. Our keypair is
             # new for every socket, so nothing recorded from another connection replays.
