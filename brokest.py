@@ -378,6 +378,8 @@ class Worker:
         if threading.current_thread() is not threading.main_thread():
             limit = math.inf
         deadline = time.monotonic() + limit
+        # A task that catches its TimeoutError, or is stuck in C code holding the GIL, runs on:
+        # a supervisor that reads this ends the process then (Supervisor.abort_stuck_workers).
         self.hard_deadline.value = deadline + HARD_LIMIT_GRACE_S
         outcomes = [run_task(fn, call, deadline) for call in calls]
         self.hard_deadline.value = math.inf
@@ -656,8 +658,9 @@ class Client(Executor):
 
 
 def results_in_order(in_flight, more, deadline):
-    """Yield the results of the chunk futures in_flight, in order, until deadline; submit a
-    chunk more from more as each chunk's results start. Closed or dropped, cancel the rest."""
+    """Yield the results of the chunk futures in_flight, in order, until deadline, taking one
+    more submitted chunk from more as each chunk's results start; closed or dropped, cancel
+    the chunks not yet sent."""
     try:
         while in_flight:
             in_flight.extend(itertools.islice(more, 1))
@@ -758,6 +761,8 @@ class Supervisor:
         for sentinel in multiprocessing.connection.wait(self.workers, CHECK_INTERVAL_MS / 1000):
             listener, process, worker, serving_since, delay = self.workers.pop(sentinel)
             process.join()  # its sentinel can be ready a moment before its exit status is
+            if self.stopping.is_set():  # it was told to stop, and so are we
+                continue
             code = process.exitcode  # 0: it retired, as planned, and its successor need not wait
             died_young = code != 0 and time.monotonic() - serving_since < 1  # then wait longer each time
             delay = min(max(2 * delay, RESTART_DELAY_S), RESTART_DELAY_MAX_S) if died_young else 0
@@ -765,8 +770,7 @@ class Supervisor:
                    else f"exited with status {code}")
             log.log(logging.INFO if code == 0 else logging.WARNING, "worker %d on port %d %s; starting "
                     "another in %.1f s", process.pid, worker.port, how, delay)
-            if not self.stopping.is_set():
-                self.spawn_worker(listener, delay)
+            self.spawn_worker(listener, delay)
 
     def abort_stuck_workers(self):
         """End every worker whose task runs past its hard limit, so its port is served again."""
