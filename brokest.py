@@ -360,7 +360,7 @@ class Worker:
 
     def stop(self, *signal_args):
         """Make start() return once the running task is answered and the socket drained (about
-        a second at most); callable from any thread, once."""
+        a second at most); callable from any thread, and again."""
         self._stopping.set()
 
     def answer(self, request):
@@ -369,7 +369,7 @@ class Worker:
         try:
             request_id, function, (calls, time_limit) = unpack_message(self.key, request)
             fn, calls = load_function(bytes(function)), list(calls)
-            limit = min(math.inf if limit is None else float(limit) for limit in (time_limit, self.time_limit))
+            limit = min(math.inf if seconds is None else float(seconds) for seconds in (time_limit, self.time_limit))
         except Exception as error:
             # One error outcome for the request, under its id: it raises at its first call.
             reply = self.reply(request_id_of(request), [("error", f"request rejected: {error}")])
@@ -469,7 +469,10 @@ class Connection:
             event = recv_monitor_message(self.monitor)["event"]
             if event == zmq.EVENT_DISCONNECTED:
                 self.lost = True
-            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:  # with a new worker, if ours retired
+            elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                # A retirement ends with the successor's handshake, not with the disconnect:
+                # the monitor tells of a disconnect a moment before the socket drops the old
+                # connection, and a request sent in between would be lost without a word.
                 self.failed_handshakes, self.retiring = 0, False
             elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:  # a wrong key, or a worker
                 self.failed_handshakes += 1                     # dying mid-handshake
@@ -511,6 +514,7 @@ class Client(Executor):
     key: the shared secret (str or bytes): it encrypts the traffic, proves the worker holds it
         too, and signs every message; None = plain TCP, unsigned.
     retries: how often a task is sent again after WorkerLost; a task that raised is never resent.
+        A task that a retiring worker answered "not run" is always sent again: it never ran.
     """
 
     def __init__(self, addresses=DEFAULT_ADDRESS, *, timeout=None, key=None, retries=0):
