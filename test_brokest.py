@@ -1105,9 +1105,11 @@ def test_recycled_workers_lose_no_call_and_run_none_twice(start_worker, make_cli
     assert max(collections.Counter(pids).values()) <= 7 and len(set(pids)) >= 600 // 7
 
 
-def test_max_tasks_1_serves_each_call_in_a_fresh_process_without_delay(start_worker, make_client):
-    workers = start_worker("--max-tasks", "1")
-    client = make_client(workers.address, timeout=10)
+@pytest.mark.parametrize("key", [None, KEY], ids=["unkeyed", "keyed"])
+def test_max_tasks_1_serves_each_call_in_a_fresh_process_without_delay(start_worker, make_client, key):
+    # keyed: each successor is reached through a CurveZMQ handshake of its own
+    workers = start_worker("--max-tasks", "1", env={"BROKEST_KEY": key} if key else {})
+    client = make_client(workers.address, key=key, timeout=10)
     started = time.monotonic()
     pids = [client.queue(os.getpid) for _ in range(12)]
     assert len(set(pids)) == 12
