@@ -11,7 +11,6 @@ noise disturbs far less than wall time. Workers, echo servers and pools are proc
 script starts on 127.0.0.1 and stops by pid. It needs numpy, for the array payload only.
 """
 import argparse
-import itertools
 import json
 import os
 import platform
