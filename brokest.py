@@ -1,53 +1,51 @@
 """brokest: run a Python function in another process, or on another machine, over ZeroMQ.
 
     from brokest import queue
-    words = queue(count_words, "book.txt")   # runs on a worker, returns count_words's result
+    words = queue(count_words, "book.txt")  # runs count_words on a worker, returns its result
     # a worker was started first with:  python brokest.py
 
-The wire protocol is one round trip per task, from a client's REQ socket to a worker's REP
-socket. Requests and replies have the same frames:
+One call is one round trip, from the client's REQ socket to a worker's REP socket:
 
-  Client (REQ)                                                     Worker (REP)
-    <-- with a key: CurveZMQ handshake, fresh keys for every connection -->
-  queue(fn, *args, **kwargs)
-    [signature][request id][function][pickle (calls, time limit)][buffer]...  -->  verify,
-    <--  [signature][request id][retiring][pickle [outcome, ...]][buffer]...  unpickle, run each call
+  Client (REQ)                                          Worker (REP)
+  queue(fn, *args, **kwargs): pickle fn, then the call
+    [signature][fn][call][buffer]...  ------------->  verify the signature, unpickle,
+                                                      run fn(*args, **kwargs)
+    <-------------  [signature][outcome][buffer]...   pickle its outcome
+  return the result, or raise the exception
 
-  signature   HMAC-SHA256(key, each later frame's length as 8 bytes big-endian, then its bytes);
-              an empty frame when there is no key
-  request id  8 random bytes, fresh for every task; the reply echoes them
-  function    fn, pickled on its own: map() pickles it once for all its calls, and a worker
-              keeps the functions it unpickled last
-  calls       [(args, kwargs), ...]: one call for queue() and submit(), chunksize for map()
-  time limit  the client's timeout: the worker stops a call that runs longer (None: no limit)
-  retiring    empty; b"retiring" when this worker process ends after this reply, so the
-              client waits for its successor before it uses that connection again
-  outcomes    None when a retiring worker did not run the request: the client sends it again
-  pickle      cloudpickle, protocol 5: by name what the other side can import, by value
-              what it cannot (a lambda, code from __main__); large buffers (numpy arrays,
-              big bytes) leave the pickle and travel as [buffer] frames of their own, uncopied
-  outcome     ("result", value) | ("exception", (exception, traceback text)) | ("error", message)
-  CurveZMQ    the worker's CURVE secret key is z85(HMAC-SHA256(key, b"brokest curve server
-              key")); a client knows its public key and brings a fresh keypair of its own
+  signature  HMAC-SHA256(key, each later frame's length as 8 bytes, then its bytes);
+             an empty frame when there is no key
+  fn         the function's pickle, a frame of its own: a worker keeps the functions it
+             unpickled last, and map() pickles its function once for all its calls
+  call       pickle of (request id, [(args, kwargs), ...], time limit): one call for queue()
+             and submit(), a chunk of calls for map(); the time limit is the client's timeout
+  outcome    pickle of (request id, retiring, [outcome of each call]); an outcome is
+             ("result", value), ("exception", (exception, traceback text)) or ("error", why).
+             retiring: the worker process ends after this reply. None for the list: the
+             worker retired before it ran the request, and the client sends it again
+  buffer     a large buffer (a numpy array's data, big bytes) that left the pickle: it
+             travels as a frame of its own, uncopied
+  pickles    protocol 5; cloudpickle's for what the other side cannot import by name (a
+             lambda, a function from __main__), which it sends by value
+  with a key CurveZMQ encrypts each connection; the worker's secret key is
+             z85(HMAC-SHA256(key, b"brokest curve server key")), clients bring fresh keypairs
 
 What can go wrong, and what the caller sees:
-  fn raises            the same exception, the worker's traceback as its __cause__
-  the worker can't     RemoteError saying why: bad signature, malformed message, unpicklable
-  run or answer it     result or exception, a module the worker lacks
-  the keys differ      AuthenticationError: the handshake fails, and the request never leaves
-  the worker dies      WorkerLost (a ConnectionError), sent again first if retries > 0
-  the worker retires   nothing: what it did not run is sent again, to its successor or another
-  timeout passes       TimeoutError, raised inside the task on the worker, which serves on
-  the task ignores it  TimeoutError; 2 s later its supervisor (python brokest.py) ends the
-                       worker process, and starts another on the same port
+  fn raises              the same exception, the worker's traceback as its __cause__
+  the worker cannot run  RemoteError saying why: bad signature, malformed message, a result
+    or answer the call   or exception that cannot be pickled, a module the worker lacks
+  the keys differ        AuthenticationError: the handshake fails, the request never leaves
+  the worker dies        WorkerLost (a ConnectionError); sent again first if retries > 0
+  the worker retires     nothing: what it did not run goes again, to its successor or another
+  the timeout passes     TimeoutError, raised inside the task on the worker, which serves on;
+                         a task that ignores it is ended with its process 2 s later
 
 A message whose signature does not verify is never unpickled, on either side.
-A dead or frozen worker surfaces as WorkerLost within seconds, even with no timeout.
-With a key the traffic is encrypted, only the key's holders can talk to a worker or pose as
-one, and bytes recorded on the path run nothing when sent again (CurveZMQ's ephemeral keys).
+A dead or frozen worker surfaces as WorkerLost within seconds, even without a timeout.
 Shipping pickled code means both ends must trust each other: a worker runs whatever a key
 holder sends it, and a client unpickles whatever its worker answers.
 """
+
 import argparse
 import collections
 import contextlib
@@ -61,13 +59,15 @@ import math
 import multiprocessing.connection
 import os
 import pickle
+import re
 import resource
 import signal
+import sys
 import threading
 import time
 import traceback
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from pathlib import Path
+from concurrent.futures import CancelledError, Executor, Future
+from queue import Empty, SimpleQueue
 from socket import create_server
 
 import cloudpickle
@@ -80,46 +80,13 @@ from zmq.utils.monitor import recv_monitor_message
 log = logging.getLogger("brokest")
 
 DEFAULT_ADDRESS = "tcp://127.0.0.1:9090"
-# How often a client pings its worker, and how long a silent worker may stay quiet before we
-# call it lost. The worker's libzmq I/O thread answers pings even while a task holds the GIL,
-# so a long task is never mistaken for a dead worker; a frozen one is noticed in about 2 s.
-HEARTBEAT_INTERVAL_MS, HEARTBEAT_TIMEOUT_MS = 500, 1500
 # How long a waiting client or worker looks only at its sockets before it checks the rest:
-# whether a worker was lost or is late, whether stop() was called.
+# whether a worker was lost or came up, whether stop() was called.
 CHECK_INTERVAL_MS = 100
-# How soon a client tries again to reach a worker that went away, and how often at most while
-# it stays down (libzmq doubles the interval). A retired worker's successor serves the same
-# port within milliseconds; a Client of a thousand addresses, most of them down, would spend a
-# core at libzmq's 100 ms.
-RECONNECT_INTERVAL_MS, RECONNECT_INTERVAL_MAX_MS = 10, 1000
-# How long a call waits for a worker to come up before it says so in the log.
-WAITING_WARNING_S = 3.0
-# How long past its timeout a client still waits for the worker's own TimeoutError, which
-# carries the task's traceback, before it gives up on the reply.
-TIMEOUT_GRACE_S = 0.5
-# How long a task may run past its time limit (it caught the TimeoutError, or it is stuck in
-# C code) before its supervisor ends it with its worker process.
-HARD_LIMIT_GRACE_S = 2.0
-# How long a retiring worker still answers "not run" after the last request it read, and at
-# most in all: requests on their way arrive, and its successor need not wait long.
-DRAIN_QUIET_MS, DRAIN_MAX_S = 100, 1.0
-# How many handshakes in a row may fail without detail before we call the key wrong. A wrong
-# CURVE key fails every attempt; a worker that dies during a handshake spoils only one.
-HANDSHAKE_ATTEMPTS = 3
-# How long a supervisor waits before replacing a worker that died within a second of its
-# start, doubling each time it happens again, up to the maximum: never a tight restart loop.
-RESTART_DELAY_S, RESTART_DELAY_MAX_S = 0.1, 10.0
-# Bytes-like arguments and results this large travel as frames of their own; smaller ones are
-# cheaper to copy into the pickle than to send separately.
-OUT_OF_BAND_MIN_BYTES = 64 * 1024
-# Poll flags as plain ints: arithmetic on pyzmq's flag enums costs microseconds per call.
-POLLIN, POLLOUT = int(zmq.POLLIN), int(zmq.POLLOUT)
-# The signals that stop a worker once its task is answered (SIGHUP, too: its supervisor then
-# starts a fresh one), and that a supervisor handles.
-STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
 
 
 # --- Errors the caller sees ---
+
 
 class RemoteError(Exception):
     """The worker could not run or answer the request; the message says why."""
@@ -137,7 +104,12 @@ class RemoteTraceback(Exception):
     """The worker's traceback text, attached to a task's exception as its __cause__."""
 
 
-# --- Wire protocol ---
+# --- Wire: signed frames, pickles, buffers ---
+
+# Bytes-like arguments and results this large travel as frames of their own; smaller ones
+# cost less to copy into the pickle than to send apart.
+OUT_OF_BAND_MIN_BYTES = 64 * 1024
+
 
 def sign(key, frames):
     """Return the signature of frames under key, or b"" when there is no key."""
@@ -151,57 +123,72 @@ def sign(key, frames):
     return mac.digest()
 
 
-def pack_message(key, request_id, head, payload):
-    """Return the signed frames of a message: its head (a request's pickled function, a reply's
-    retiring), then payload's pickle, its large buffers as frames of their own."""
-    buffers = []
-    body = cloudpickle.dumps(payload, protocol=5, buffer_callback=buffers.append)
-    frames = [request_id, head, body, *(buffer.raw() for buffer in buffers)]
+def pack(key, head, payload):
+    """Return the frames of a signed message: the frames in head as they are, then payload's
+    pickle, then the large buffers that the pickle left out, each a frame of its own."""
+    body, buffers = dumps(payload)
+    frames = [*head, body, *(buffer.raw() for buffer in buffers)]
     return [sign(key, frames), *frames]
 
 
-def unpack_message(key, frames):
-    """Return (request id, head, payload) of a message, unpickled only if its signature
-    verifies."""
-    if len(frames) < 4:
-        raise RemoteError(f"malformed message: {len(frames)} frames, expected at least 4")
-    signature, request_id, head, body, *buffers = frames
+def dumps(value):
+    """Return value's pickle, and the large buffers it left out (protocol 5)."""
+    # The standard pickle is microseconds faster, and writes the same bytes as cloudpickle
+    # for whatever the other side can import by name. Where it fails, or names __main__ (the
+    # other side has its own), or a module is registered to travel by value, cloudpickle
+    # sends by value what cannot be imported.
+    with contextlib.suppress(Exception):
+        buffers = []
+        body = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+        if b"__main__" not in body and not cloudpickle.list_registry_pickle_by_value():
+            return body, buffers
+    buffers = []
+    return cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append), buffers
+
+
+def verified(key, frames, count):
+    """Return the frames after the signature, count of them at least, if it verifies."""
+    if len(frames) < 1 + count:
+        raise RemoteError(f"malformed message: {len(frames)} frames, expected {1 + count}+")
+    signature, *frames = frames
     # Verify before unpickling: unpickling can run arbitrary code. compare_digest takes the
     # same time wherever the bytes differ, so timing does not reveal the right signature.
-    if not hmac.compare_digest(signature, sign(key, frames[1:])):
+    if not hmac.compare_digest(signature, sign(key, frames)):
         raise AuthenticationError("signature did not verify: do both ends use the same key?")
-    return bytes(request_id), head, loads(body, buffers)
+    return frames
 
 
-def request_id_of(frames):
-    """Return the request id of a message that may not verify, or b"" if it has none."""
-    return bytes(frames[1]) if len(frames) > 1 else b""
-
-
-def loads(body, buffers=()):
+def unpickle(body, buffers=()):
     """Return what body unpickles to; raise RemoteError saying why it cannot be unpickled."""
     try:
         return pickle.loads(body, buffers=buffers)
     except ModuleNotFoundError as error:  # something was pickled by reference to a module
-        raise RemoteError(f"could not unpickle the message: {error!r}; install {error.name} where it is "
-                          f"unpickled, or call cloudpickle.register_pickle_by_value({error.name}) to send it by value") from None
+        fix = f"install {error.name} there, or cloudpickle.register_pickle_by_value({error.name})"
+        raise RemoteError(f"could not unpickle the message: {error!r}; {fix}") from None
     except (Exception, SystemExit) as error:
         raise RemoteError(f"could not unpickle the message: {error!r}") from None
 
 
-# load_function(bytes) unpickles a function as loads() does, and keeps the last 64: rebuilding
-# a function sent by value is worth doing once, not for every call. Its pickle holds the
-# values of the globals it reads, so a new value makes new bytes.
-load_function = functools.lru_cache(maxsize=64)(loads)
+# load_function(bytes) unpickles a function as unpickle() does, and keeps the last 64:
+# rebuilding a function sent by value is worth doing once, not for every call. Its pickle
+# holds the values of the globals it reads, so a new value makes new bytes.
+load_function = functools.lru_cache(maxsize=64)(unpickle)
 
 
-def receive(socket):
-    """Return the frames of the next message on socket, as buffers sharing ZeroMQ's memory."""
-    return [frame.buffer for frame in socket.recv_multipart(copy=False)]
+def receive(socket, copied):
+    """Return the frames of the next message on socket: the first `copied` ones as bytes
+    (small frames cost less to copy than to share), the rest, large buffers, as memoryviews
+    of ZeroMQ's own memory."""
+    frame = socket.recv(copy=False)
+    frames = [frame.bytes]
+    while frame.more:
+        frame = socket.recv(copy=False)
+        frames.append(frame.bytes if len(frames) < copied else frame.buffer)
+    return frames
 
 
 class _OutOfBand:
-    """A large bytes, bytearray or memoryview, pickled as a buffer that travels as its own frame."""
+    """A large bytes, bytearray or memoryview, pickled as a buffer that travels apart."""
 
     def __init__(self, data):
         self.data = data
@@ -220,10 +207,12 @@ def out_of_band(value):
     return value
 
 
+# --- Outcomes: what a call ended with ---
+
+
 def run_task(fn, call, deadline):
     """Return the outcome of one call (args, kwargs) of fn: its result, or its exception and
-    traceback. deadline: when (time.monotonic(); inf: never) to stop it by raising
-    TimeoutError inside."""
+    traceback. deadline: when (time.monotonic(); inf: never) to stop it with TimeoutError."""
     try:
         args, kwargs = call
         if deadline < math.inf:
@@ -247,22 +236,15 @@ def raise_time_limit(signum, frame):
 def picklable(outcome):
     """Return outcome if it can be pickled, else the error outcome that says why not."""
     try:
-        cloudpickle.dumps(outcome, protocol=5)
+        dumps(outcome)
         return outcome
     except Exception as error:
         kind, value = outcome
         if kind == "result":
-            return "error", f"the result of type {type(value).__name__} could not be pickled: {error!r}"
-        return "error", (f"the task raised {type(value[0]).__name__}, which could not be "
-                         f"pickled ({error!r}); its traceback on the worker:\n{value[1]}")
-
-
-def status_of(outcomes):
-    """Return how a task ended, as the worker logs it: "ok" or "error <exception type>"."""
-    for kind, value in outcomes:
-        if kind != "result":
-            return f"error {type(value[0]).__name__ if kind == 'exception' else 'RemoteError'}"
-    return "ok"
+            return "error", f"the result of type {type(value).__name__} could not be pickled"
+        exception, remote_traceback = value
+        what = f"the task raised {type(exception).__name__}, which could not be pickled"
+        return "error", f"{what} ({error!r}); its traceback on the worker:\n{remote_traceback}"
 
 
 def result_of(outcome):
@@ -277,9 +259,15 @@ def result_of(outcome):
     raise RemoteError(value)
 
 
+# --- Keys and addresses ---
+
+
 def as_key(key):
-    """Return key as bytes (a str is UTF-8 encoded), or None when there is no key."""
-    return (key.encode() if isinstance(key, str) else key) or None
+    """Return key as bytes (a str is UTF-8 encoded), or None when there is no key. Surrounding
+    whitespace is not part of it: a key read from a file means the same with its newline."""
+    if isinstance(key, str):
+        key = key.encode()
+    return (key or b"").strip() or None
 
 
 def curve_secret_key(key):
@@ -289,13 +277,44 @@ def curve_secret_key(key):
 
 def is_loopback(host):
     """Return whether host is reachable only from this machine."""
-    try:
+    with contextlib.suppress(ValueError):
         return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
+    return host == "localhost"
+
+
+def worker_addresses(addresses):
+    """Return the tcp://host:port addresses that addresses names: one address, a list, or a
+    comma-separated string. host:port means tcp://host:port, and a port range (host:9090-9093)
+    names a worker on each port. Raise ValueError naming an address that cannot be used."""
+    if isinstance(addresses, str):
+        addresses = addresses.split(",")
+    found = []
+    for address in filter(None, map(str.strip, addresses)):
+        match = re.fullmatch(r"(?:tcp://)?([^\s/]+):(\d+)(?:-(\d+))?", address)
+        first = int(match[2]) if match else 0
+        last = int(match[3] or first) if match else 0
+        if not 0 < first <= last < 65536:
+            how = "write host:port, tcp://host:port, or a port range such as host:9090-9093"
+            raise ValueError(f"bad worker address {address!r}: {how}")
+        found += [f"tcp://{match[1]}:{port}" for port in range(first, last + 1)]
+    if not found:
+        raise ValueError("a Client needs at least one worker address")
+    return found
 
 
 # --- Worker ---
+
+# How long a task may run past its time limit (it caught the TimeoutError, or it is stuck in
+# C code) before its supervisor ends it with its worker process.
+HARD_LIMIT_GRACE_S = 2.0
+# How long a retiring worker still answers "not run" after the last request it read, and at
+# most in all: requests on their way arrive, and its successor need not wait long.
+DRAIN_QUIET_MS = 100
+DRAIN_MAX_S = 1.0
+# The signals that stop a worker once its task is answered (SIGHUP, too: its supervisor then
+# starts a fresh one), and that a supervisor handles.
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+
 
 class Worker:
     """Serves tasks on a REP socket: receives a call, runs it, answers with its outcome.
@@ -311,50 +330,62 @@ class Worker:
     max_tasks, max_memory: retire after that many tasks (a map chunk is one), or after a task
         that left the peak resident memory above max_memory MB; the supervisor starts a fresh
         process on the same port.
-    fd: a listening TCP socket to serve on instead of binding anew (-1: none); a supervisor
-        keeps the port open this way while it replaces the worker.
     """
 
-    def __init__(self, host="127.0.0.1", port=9090, *, key=None, insecure=False,
-                 time_limit=None, max_tasks=None, max_memory=None, fd=-1):
+    def __init__(
+        self,
+        host="127.0.0.1",
+        port=9090,
+        *,
+        key=None,
+        insecure=False,
+        time_limit=None,
+        max_tasks=None,
+        max_memory=None,
+    ):
         self.key = as_key(key)
         if self.key is None and not insecure and not is_loopback(host):
-            raise ValueError(f"refusing to listen on {host} without a key: anyone reaching it could "
-                             "run any code. Use --key-file F (key=...), or --insecure to accept the risk")
+            fix = "anyone reaching it could run any code: pass --key-file F, or --insecure"
+            raise ValueError(f"refusing to listen on {host} without a key; {fix}")
         if any(limit is not None and limit < 1 for limit in (max_tasks, max_memory)):
             raise ValueError("--max-tasks and --max-memory must be at least 1")
-        self.host, self.port, self.time_limit, self.fd = host, port, time_limit, fd
-        self.max_tasks, self.max_memory, self.tasks = max_tasks, max_memory, 0
-        self.address, self._stopping = None, threading.Event()
+        self.host = host
+        self.port = port
+        self.time_limit = math.inf if time_limit is None else time_limit
+        self.max_tasks = max_tasks or math.inf
+        self.max_memory = max_memory or math.inf
+        self.tasks_done = 0
+        self.address = None
+        self._stopping = threading.Event()
         # When the running task passes its hard limit (time.monotonic(); inf: no task, or no
         # limit), in memory that a supervisor which forked us shares: it ends us then.
         self.hard_deadline = multiprocessing.RawValue("d", math.inf)
 
-    def start(self):
+    def start(self, fd=-1):
         """Bind, then answer requests until stop(), SIGINT, SIGTERM or SIGHUP, or until
-        retired; then drain the socket."""
+        retired; then drain the socket. fd: a listening TCP socket to serve on instead of
+        binding anew, as a supervisor does to keep the port open while it replaces workers."""
         # A context of its own: closing a socket frees its port later, in the background;
         # terminating its context (leaving the with) waits until that is done, so the port is
         # free when start() returns. A reply still on its way gets a second to leave.
         with zmq.Context() as context, context.socket(zmq.REP) as socket:
-            socket.linger, socket.rcvtimeo, socket.use_fd = 1000, CHECK_INTERVAL_MS, self.fd
+            socket.linger = 1000
+            socket.rcvtimeo = CHECK_INTERVAL_MS
+            socket.use_fd = fd
             if self.key:
                 socket.curve_server = True
                 socket.curve_secretkey = curve_secret_key(self.key)
+            handlers = {**dict.fromkeys(STOP_SIGNALS, self.stop), signal.SIGALRM: raise_time_limit}
             # Handlers before we say we listen: a signal may follow at once.
-            with signal_handlers({**dict.fromkeys(STOP_SIGNALS, self.stop), signal.SIGALRM: raise_time_limit}):
+            with signal_handlers(handlers):
                 socket.bind(f"tcp://{self.host}:{self.port or '*'}")
                 self.address = socket.last_endpoint.decode()
                 log.info("worker %d listening on %s", os.getpid(), self.address)
                 while not self._stopping.is_set():
-                    try:
-                        request = receive(socket)
-                    except zmq.Again:
-                        continue
-                    reply, log_line = self.answer(request)
-                    socket.send_multipart(reply, copy=False)
-                    del request, reply  # large ones would stay in memory while the next one comes
-                    log.log(*log_line)  # after the reply: the caller need not wait for it
+                    with contextlib.suppress(zmq.Again):  # nothing came: look at _stopping
+                        # One expression: the request and the reply are freed once sent, not
+                        # held while the next request is awaited (they may be large).
+                        socket.send_multipart(self.answer(receive(socket, copied=3)), copy=False)
                 self.drain(socket)
         log.info("worker %d on %s stopped", os.getpid(), self.address)
 
@@ -364,47 +395,55 @@ class Worker:
         self._stopping.set()
 
     def answer(self, request):
-        """Return the reply to one request's frames, and its log line; a bad request gets an error."""
+        """Return the reply to a request's frames: its calls' outcomes, or why it was refused."""
         started = time.perf_counter()
         try:
-            request_id, function, (calls, time_limit) = unpack_message(self.key, request)
-            fn, calls = load_function(bytes(function)), list(calls)
-            limit = min(math.inf if seconds is None else float(seconds) for seconds in (time_limit, self.time_limit))
+            function, body, *buffers = verified(self.key, request, count=2)
+            request_id, calls, time_limit = unpickle(body, buffers)
+            fn = load_function(function)
+            calls = list(calls)
+            time_limit = math.inf if time_limit is None else float(time_limit)
         except Exception as error:
-            # One error outcome for the request, under its id: it raises at its first call.
-            reply = self.reply(request_id_of(request), [("error", f"request rejected: {error}")])
-            return reply, (logging.WARNING, "rejected a request: %s", error)
+            log.warning("rejected a request: %s", error)
+            return self.reply(None, [("error", f"request rejected: {error}")])
+        outcomes = self.run(fn, calls, min(time_limit, self.time_limit))
+        if log.isEnabledFor(logging.DEBUG):  # one line per task, with -v
+            errors = [type(value[0]).__name__ for kind, value in outcomes if kind == "exception"]
+            status = f"error {errors[0]}" if errors else "ok"
+            duration = (time.perf_counter() - started) * 1000
+            log.debug("%s %.1f ms %s", getattr(fn, "__qualname__", fn), duration, status)
+        self.retire_if_worn_out()
+        return self.reply(request_id, outcomes)
+
+    def run(self, fn, calls, time_limit):
+        """Return the outcomes of calls of fn, stopped once they run past time_limit seconds."""
+        deadline = time.monotonic() + time_limit
         # SIGALRM's handler runs in the main thread: only there can a time limit stop a task.
         if threading.current_thread() is not threading.main_thread():
-            limit = math.inf
-        deadline = time.monotonic() + limit
+            deadline = math.inf
         # A task that catches its TimeoutError, or is stuck in C code holding the GIL, runs on:
         # a supervisor that reads this ends the process then (Supervisor.abort_stuck_workers).
         self.hard_deadline.value = deadline + HARD_LIMIT_GRACE_S
         outcomes = [run_task(fn, call, deadline) for call in calls]
         self.hard_deadline.value = math.inf
-        self.retire_if_worn_out()
-        reply = self.reply(request_id, outcomes)
-        name = getattr(fn, "__qualname__", type(fn).__qualname__)
-        return reply, (logging.INFO, "%s %.1f ms %s", name,
-                       (time.perf_counter() - started) * 1000, status_of(outcomes))
+        return outcomes
 
     def reply(self, request_id, outcomes):
         """Return the frames of the reply carrying outcomes (None: not run); an outcome that
-        cannot be pickled is replaced, in outcomes too, by the error that says why."""
-        retiring = b"retiring" if self._stopping.is_set() else b""
-        try:
-            return pack_message(self.key, request_id, retiring, outcomes)
-        except Exception:
-            outcomes[:] = map(picklable, outcomes)  # so that the log line says so too
-            return pack_message(self.key, request_id, retiring, outcomes)
+        cannot be pickled is replaced by the error that says why."""
+        retiring = self._stopping.is_set()
+        with contextlib.suppress(Exception):
+            return pack(self.key, [], (request_id, retiring, outcomes))
+        outcomes = [picklable(outcome) for outcome in outcomes]
+        return pack(self.key, [], (request_id, retiring, outcomes))
 
     def retire_if_worn_out(self):
         """Stop after this task if it was the max_tasks-th, or peak memory passed max_memory MB."""
-        self.tasks += 1
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-        if self.tasks == self.max_tasks or peak_mb > (self.max_memory or math.inf):
-            log.info("worker %d retiring after %d tasks, peak memory %.0f MB", os.getpid(), self.tasks, peak_mb)
+        self.tasks_done += 1
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        if self.tasks_done >= self.max_tasks or peak > self.max_memory:
+            what = f"retiring after {self.tasks_done} tasks, peak memory {peak:.0f} MB"
+            log.info("worker %d %s", os.getpid(), what)
             self.stop()
 
     def drain(self, socket):
@@ -412,15 +451,22 @@ class Worker:
         for DRAIN_QUIET_MS: their clients send them again, to whoever serves the port next."""
         ends = time.monotonic() + DRAIN_MAX_S
         while time.monotonic() < ends and socket.poll(DRAIN_QUIET_MS):
-            socket.send_multipart(self.reply(request_id_of(receive(socket)), None), copy=False)
+            receive(socket, copied=3)
+            socket.send_multipart(self.reply(None, None), copy=False)
 
 
 @contextlib.contextmanager
 def signal_handlers(handlers):
-    """Within the block, signals call their handlers (only the main thread can set handlers)."""
+    """Within the block, signals call their handlers; those that were blocked are let in. A
+    signal ignored when we start stays ignored (SIGHUP under nohup). Only the main thread can
+    set handlers: elsewhere, nothing changes."""
     if threading.current_thread() is not threading.main_thread():
         handlers = {}
-    previous = {signum: signal.signal(signum, handler) for signum, handler in handlers.items()}
+    previous = {}
+    for signum, handler in handlers.items():
+        if signal.getsignal(signum) != signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, handler)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, handlers)
     try:
         yield
     finally:
@@ -430,42 +476,62 @@ def signal_handlers(handlers):
 
 # --- Client ---
 
+# How often a client pings its worker, and how long a silent worker may stay quiet before we
+# call it lost. The worker's libzmq I/O thread answers pings even while a task holds the GIL,
+# so a long task is never mistaken for a dead worker; a frozen one is noticed in about 2 s.
+HEARTBEAT_INTERVAL_MS = 500
+HEARTBEAT_TIMEOUT_MS = 1500
+# How soon a client tries again to reach a worker that went away, and how often at most while
+# it stays down (libzmq doubles the interval). A retired worker's successor serves the same
+# port within milliseconds; a Client of a thousand addresses, most of them down, would spend
+# a core at libzmq's 100 ms.
+RECONNECT_INTERVAL_MS = 10
+RECONNECT_INTERVAL_MAX_MS = 1000
+# How many handshakes in a row may fail without detail before we call the key wrong. A wrong
+# CURVE key fails every attempt; a worker that dies during a handshake spoils only one.
+HANDSHAKE_ATTEMPTS = 3
+# How long past its timeout a client still waits for the worker's own TimeoutError, which
+# carries the task's traceback, before it gives up on the reply.
+TIMEOUT_GRACE_S = 0.5
+# How long a call waits for a worker to come up before it says so in the log.
+WAITING_WARNING_S = 3.0
+
+
 class Connection:
-    """One REQ socket to one worker, with heartbeats and a monitor; one thread uses it at a time."""
+    """A REQ socket to one worker, and its monitor; one thread uses it at a time."""
 
     def __init__(self, context, address, key):
         self.address = address
+        self.key = key
         self.socket = context.socket(zmq.REQ)
-        self.socket.linger = 0     # closing drops an unsent request at once, never blocks
+        self.socket.linger = 0  # closing drops an unsent request at once, never blocks
         self.socket.immediate = 1  # a request waits for a live connection, its handshake done
+        self.socket.sndtimeo = 0  # a request that cannot leave at once raises zmq.Again
         self.socket.rcvtimeo = CHECK_INTERVAL_MS
         # A request that was lost, or abandoned when its time was up, leaves a REQ socket stuck
         # in mid-conversation (the Guide's "Lazy Pirate" closes and reopens it). Relaxed, it
         # sends anew; correlated, it drops the late reply to an abandoned request.
-        self.socket.req_relaxed = self.socket.req_correlate = 1
-        self.socket.heartbeat_ivl, self.socket.heartbeat_timeout = HEARTBEAT_INTERVAL_MS, HEARTBEAT_TIMEOUT_MS
-        self.socket.reconnect_ivl, self.socket.reconnect_ivl_max = RECONNECT_INTERVAL_MS, RECONNECT_INTERVAL_MAX_MS
+        self.socket.req_relaxed = 1
+        self.socket.req_correlate = 1
+        self.socket.heartbeat_ivl = HEARTBEAT_INTERVAL_MS
+        self.socket.heartbeat_timeout = HEARTBEAT_TIMEOUT_MS
+        self.socket.reconnect_ivl = RECONNECT_INTERVAL_MS
+        self.socket.reconnect_ivl_max = RECONNECT_INTERVAL_MAX_MS
         if key:
             # Whoever answers must prove that it holds the worker's secret key. Our keypair is
             # new for every socket, so nothing recorded from another connection replays.
             self.socket.curve_serverkey = zmq.curve_public(curve_secret_key(key))
             self.socket.curve_publickey, self.socket.curve_secretkey = zmq.curve_keypair()
         # A REQ socket never says that its worker went away, or refused us; its monitor does.
-        self.monitor = self.socket.get_monitor_socket(
-            zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
-            | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
-        # retiring: the worker said it ends after its reply; we wait for its successor.
-        self.lost, self.retiring, self.failed_handshakes = False, False, 0
+        self.monitor = self.socket.get_monitor_socket()
+        self.lost = False
+        self.retiring = False  # the worker said it ends after its reply: wait for its successor
+        self.failed_handshakes = 0
         self.socket.connect(address)
-
-    def close(self):
-        """Close the socket and its monitor."""
-        self.socket.close()
-        self.monitor.close()
 
     def read_events(self):
         """Take in what the monitor reported: a lost worker, a handshake done or failed."""
-        while self.monitor.get(zmq.EVENTS) & POLLIN:
+        while self.monitor.get(zmq.EVENTS) & zmq.POLLIN:
             event = recv_monitor_message(self.monitor)["event"]
             if event == zmq.EVENT_DISCONNECTED:
                 self.lost = True
@@ -473,77 +539,89 @@ class Connection:
                 # A retirement ends with the successor's handshake, not with the disconnect:
                 # the monitor tells of a disconnect a moment before the socket drops the old
                 # connection, and a request sent in between would be lost without a word.
-                self.failed_handshakes, self.retiring = 0, False
-            elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:  # a wrong key, or a worker
-                self.failed_handshakes += 1                     # dying mid-handshake
-            else:  # one end has a key and the other not: libzmq will not try again
-                self.failed_handshakes = HANDSHAKE_ATTEMPTS
+                self.failed_handshakes = 0
+                self.retiring = False
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+                self.failed_handshakes += 1  # a wrong key, or a worker dying mid-handshake
+            elif event in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_AUTH):
+                self.failed_handshakes = HANDSHAKE_ATTEMPTS  # one end has no key: no retry
 
     def ready(self):
         """Return whether a request sent now goes to a worker that is up and not retiring."""
         self.read_events()
-        return not self.retiring and self.socket.get(zmq.EVENTS) & POLLOUT
+        return not self.retiring and self.socket.get(zmq.EVENTS) & zmq.POLLOUT
 
-    def round_trip(self, request, timeout):
-        """Send a request's frames and return the reply's; raise WorkerLost, or TimeoutError
-        once timeout seconds (None: no limit) and TIMEOUT_GRACE_S have passed."""
-        self.lost = False  # a disconnect from before this request (ready() read it): the worker is back
+    def round_trip(self, request_id, request, timeout):
+        """Send a request's frames and return the outcomes its reply carries, or None if it did
+        not run: the worker went away before the request could leave, or retired before it
+        ran it. Raise WorkerLost, or TimeoutError once timeout seconds (None: no limit) and
+        TIMEOUT_GRACE_S have passed."""
+        self.lost = False  # a disconnect that ready() read: the worker has come back since
         try:
-            self.socket.send_multipart(request, copy=False, flags=zmq.NOBLOCK)
+            self.socket.send_multipart(request, copy=False)  # large frames leave uncopied
         except zmq.Again:
-            self.lost = True  # the worker went away since it was found ready
-        deadline = None if timeout is None else time.monotonic() + timeout + TIMEOUT_GRACE_S
+            return None
+        deadline = math.inf if timeout is None else time.monotonic() + timeout + TIMEOUT_GRACE_S
         while True:
-            try:
-                return receive(self.socket)  # waits up to CHECK_INTERVAL_MS
-            except zmq.Again:
-                self.read_events()
+            with contextlib.suppress(zmq.Again):  # nothing came within CHECK_INTERVAL_MS
+                body, *buffers = verified(self.key, receive(self.socket, copied=2), count=1)
+                reply_id, self.retiring, outcomes = unpickle(body, buffers)
+                if reply_id not in (request_id, None):  # None: it could not read our request
+                    raise RemoteError("the reply answers a different request")
+                return outcomes
+            self.read_events()
             if self.lost:
                 raise WorkerLost(f"lost the worker at {self.address} while the task was in flight")
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"no reply from the worker at {self.address} within {timeout} s")
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"no reply from {self.address} within {timeout} s")
 
 
 class Client(Executor):
     """Runs tasks on workers, each worker at most one task at a time; safe to share among threads.
 
-    addresses: one address, a list, or a comma-separated string ("tcp://host:port"); a port
-        range ("tcp://host:9090-9093") names a worker on each port.
+    addresses: one address, a list, or a comma-separated string ("tcp://host:port", or just
+        "host:port"); a port range ("tcp://host:9090-9093") names a worker on each port.
     timeout: seconds a task may take on a worker (from sending it to its reply); None = no limit.
         The worker stops a task that runs longer, by raising TimeoutError inside it.
     key: the shared secret (str or bytes): it encrypts the traffic, proves the worker holds it
         too, and signs every message; None = plain TCP, unsigned.
     retries: how often a task is sent again after WorkerLost; a task that raised is never resent.
         A task that a retiring worker answered "not run" is always sent again: it never ran.
+
+    queue() runs its task in the calling thread. submit() and map() put their tasks on a queue
+    that runner threads take them from, one runner per worker, started on first use.
     """
 
     def __init__(self, addresses=DEFAULT_ADDRESS, *, timeout=None, key=None, retries=0):
-        if isinstance(addresses, str):
-            addresses = addresses.split(",")
-        self.addresses = [port for address in addresses for port in expand_ports(address)]
-        if not self.addresses:
-            raise ValueError("a Client needs at least one worker address")
-        self.timeout, self.key, self.retries = timeout, as_key(key), retries
+        self.addresses = worker_addresses(addresses)  # first: a bad one leaves nothing behind
+        self.timeout = timeout
+        self.key = as_key(key)
+        self.retries = retries
+        self._pid = os.getpid()
         self._context = zmq.Context()
         # libzmq allows 1,023 sockets per context unless told; a connection takes three.
         self._context.max_sockets = self._context.get(zmq.SOCKET_LIMIT)
-        self._idle = collections.deque(Connection(self._context, address, self.key) for address in self.addresses)
-        # Idle connections whose worker was down when last seen, and when to look again.
-        self._down, self._next_look_at_down = [], 0
-        self._changed, self._closed, self._pid = threading.Condition(), False, os.getpid()
-        # submit() runs queue() on these threads, map() its chunks: as many as there are workers.
-        self._threads = ThreadPoolExecutor(len(self.addresses), thread_name_prefix="brokest")
+        # Connections whose worker is free as far as we know, and those last seen down.
+        self._idle = SimpleQueue()
+        for address in self.addresses:
+            self._idle.put(Connection(self._context, address, self.key))
+        self._down = []
+        self._next_look_at_down = 0.0
+        self._tasks = SimpleQueue()  # what the runners run: a Task, a MapJob; None: end
+        self._runners = []
+        self._lock = threading.Lock()
+        self._shut_down = False
+        self._connections_closed = False
 
     def queue(self, fn, /, *args, **kwargs):
-        """Run fn(*args, **kwargs) on an idle worker and return its result, or raise its exception."""
+        """Run fn(*args, **kwargs) on an idle worker; return its result, or raise its exception."""
         self._check_process()
-        # In this thread: a call costs no thread switch.
-        return result_of(self._run(cloudpickle.dumps(fn, protocol=5), [(args, kwargs)])[0])
+        return result_of(self._run(dumps(fn)[0], [(args, kwargs)])[0])
 
     def submit(self, fn, /, *args, **kwargs):
         """Schedule fn(*args, **kwargs) on a worker; return a concurrent.futures.Future."""
         self._check_process()
-        return self._threads.submit(self.queue, fn, *args, **kwargs)
+        return self._schedule(Task(dumps(fn)[0], [(args, kwargs)]))
 
     def map(self, fn, *iterables, timeout=None, chunksize=1, buffersize=None):
         """Return an iterator of fn(*args) for args in zip(*iterables), run on all workers at once.
@@ -560,50 +638,62 @@ class Client(Executor):
             raise ValueError("buffersize must be None or > 0")
         self._check_process()
         deadline = None if timeout is None else time.monotonic() + timeout
-        chunks = self._submit_chunks(cloudpickle.dumps(fn, protocol=5), zip(*iterables), chunksize)
-        # Submitted before the first result is asked for; islice(chunks, None) submits them all.
-        return results_in_order(collections.deque(itertools.islice(chunks, buffersize)), chunks, deadline)
+        job = MapJob(dumps(fn)[0], zip(*iterables), chunksize)
+        job.schedule(self, buffersize)
+        return job.results(self, buffersize, deadline)
 
     def shutdown(self, wait=True, *, cancel_futures=False):
-        """Stop taking tasks; close the sockets once the tasks already submitted are done."""
-        self._threads.shutdown(wait, cancel_futures=cancel_futures)
-        if not wait:
-            threading.Thread(target=self.shutdown, daemon=True).start()
-            return
-        with self._changed:
-            self._closed = True
-            for connection in [*self._idle, *self._down]:
-                connection.close()
-            self._changed.notify_all()
+        """Take no more tasks; close the connections once the tasks scheduled are done
+        (cancel_futures: cancel those not sent yet)."""
+        with self._lock:
+            self._shut_down = True
+        for task in filter(None, take_all(self._tasks) if cancel_futures else []):
+            task.cancel()
+        for _ in self._runners:
+            self._tasks.put(None)  # after the tasks before it
+        closing = threading.Thread(target=self._close_connections)
+        closing.start()
+        if wait:
+            closing.join()
 
     def _check_process(self):
         """Raise RuntimeError in a process forked from the one that made this Client."""
         if os.getpid() != self._pid:  # our ZeroMQ context and threads stayed in the parent
-            raise RuntimeError(f"this Client was made in process {self._pid}: make a Client in this process")
+            raise RuntimeError(f"a Client of process {self._pid}: make a Client in this process")
 
-    def _submit_chunks(self, function, calls, chunksize):
-        """Yield a future for each chunk of calls, submitted as soon as it is read; if reading
-        a chunk raises, a last future raises that exception in the chunk's place."""
-        try:
-            while chunk := list(itertools.islice(calls, chunksize)):  # each call's args, no kwargs
-                yield self._threads.submit(self._run, function, zip(chunk, itertools.repeat({})))
-        except Exception as error:  # the input's own, or a shut-down Client's RuntimeError
-            failure = Future()
-            failure.set_exception(error)
-            yield failure
+    def _schedule(self, task):
+        """Put a task on the queue for the runners and return it: a Task, or a MapJob with a
+        chunk to send. The first task starts the runners, one per worker."""
+        with self._lock:
+            if self._shut_down:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            if not self._runners:
+                for _ in self.addresses:
+                    self._runners.append(threading.Thread(target=self._run_tasks, daemon=True))
+                    self._runners[-1].start()
+            self._tasks.put(task)
+        return task
+
+    def _run_tasks(self):
+        """Run the tasks from the queue, one at a time, until a None says to end: a runner."""
+        while task := self._tasks.get():
+            task.run(self)
 
     def _run(self, function, calls):
         """Run calls (args, kwargs) of a pickled function as one task on an idle worker and
-        return their outcomes. A request the worker did not run is sent again; one whose
-        worker was lost, while retries last (to another worker, when there is one)."""
-        calls = [(tuple(map(out_of_band, args)), {k: out_of_band(v) for k, v in kwargs.items()})
-                 for args, kwargs in calls]
-        request, retries = pack_message(self.key, os.urandom(8), function, (calls, self.timeout)), self.retries
+        return their outcomes. A request that did not run is sent again; one whose worker was
+        lost, while retries last (to another worker, when there is one)."""
+        calls = [
+            (tuple(map(out_of_band, args)), {k: out_of_band(v) for k, v in kwargs.items()})
+            for args, kwargs in calls
+        ]
+        request_id = os.urandom(8)
+        request = pack(self.key, [function], (request_id, calls, self.timeout))
+        retries = self.retries
         while True:
             connection = self._checkout()
             try:
-                reply_id, retiring, outcomes = unpack_message(self.key, connection.round_trip(request, self.timeout))
-                connection.retiring = bool(retiring)  # b"retiring", or empty
+                outcomes = connection.round_trip(request_id, request, self.timeout)
             except WorkerLost as lost:
                 if retries == 0:
                     raise
@@ -611,84 +701,173 @@ class Client(Executor):
                 log.warning("%s; sending the task again (%d retries left)", lost, retries)
                 continue
             finally:
-                self._checkin(connection)
-            if reply_id != request[1]:  # the request id, the frame after the signature
-                raise RemoteError("the reply answers a different request")
-            if outcomes is not None:  # None: the worker retired before it could run it
+                self._idle.put(connection)  # idle again
+            if outcomes is not None:
                 return outcomes
 
     def _checkout(self):
         """Take an idle connection whose worker is up, waiting while there is none."""
-        nobody_up_since, delay, warned = time.monotonic(), 0.001, False
-        with self._changed:
-            while not self._closed:
-                # Asking a socket whether it is ready takes microseconds: with hundreds of
-                # workers down, looking at them all for every call would take milliseconds.
-                # With nobody up, look at them all again at once, not in 100 ms.
-                if len(self._down) == len(self.addresses) or time.monotonic() >= self._next_look_at_down:
-                    self._idle.extend(self._down)
-                    self._down.clear()
-                    self._next_look_at_down = time.monotonic() + CHECK_INTERVAL_MS / 1000
-                while self._idle:
-                    connection = self._idle.popleft()
-                    if connection.ready():
-                        return connection
-                    self._down.append(connection)
+        nobody_up_since = time.monotonic()
+        warned = False
+        wait = 0.001  # doubles up to CHECK_INTERVAL_MS: a worker coming up wakes no one
+        while not self._connections_closed:
+            self._look_again_at_down_connections()
+            try:
+                connection = self._idle.get(timeout=wait)
+            except Empty:
                 # Time with no worker up counts against the timeout; waiting for a busy one
-                # to finish does not. Nobody up, and one keeps refusing our key: say so.
+                # to finish does not.
                 if len(self._down) < len(self.addresses):
                     nobody_up_since = time.monotonic()
-                elif refusing := [c.address for c in self._down if c.failed_handshakes >= HANDSHAKE_ATTEMPTS]:
-                    raise AuthenticationError(f"handshake with {refusing[0]} failed: do both ends use the same key?")
-                waited, workers = time.monotonic() - nobody_up_since, ", ".join(self.addresses[:3])
-                if self.timeout is not None and waited >= self.timeout:
-                    raise TimeoutError(f"no worker came up at {workers} within {self.timeout} s")
-                if waited >= WAITING_WARNING_S and not warned:
-                    log.warning("waiting for a worker to come up at %s", workers)
-                    warned = True
-                # Checkins notify; a worker coming up does not, so look again soon.
-                self._changed.wait(delay)
-                delay = min(delay * 2, CHECK_INTERVAL_MS / 1000)
+                else:  # look at them all again now, not in CHECK_INTERVAL_MS
+                    self._next_look_at_down = 0
+                    warned = self._check_nobody_up(nobody_up_since, warned)
+                wait = min(2 * wait, CHECK_INTERVAL_MS / 1000)
+                continue
+            if connection.ready():
+                return connection
+            self._down.append(connection)
         raise RuntimeError("cannot run a task on a Client that was shut down")
 
-    def _checkin(self, connection):
-        """Return a connection to the idle ones, or close it if the Client was shut down."""
-        with self._changed:
-            if self._closed:
-                connection.close()
-            else:
-                self._idle.append(connection)
-                self._changed.notify()
+    def _look_again_at_down_connections(self):
+        """Make the connections last seen down idle again, every CHECK_INTERVAL_MS. (Asking a
+        socket whether its worker is up takes microseconds: with hundreds of workers down,
+        asking them all for every call would take milliseconds.)"""
+        with self._lock:
+            if time.monotonic() >= self._next_look_at_down:
+                self._next_look_at_down = time.monotonic() + CHECK_INTERVAL_MS / 1000
+                while self._down:
+                    self._idle.put(self._down.pop())
+
+    def _check_nobody_up(self, since, warned):
+        """With no worker up since `since`: raise AuthenticationError if one keeps refusing our
+        key, TimeoutError once the timeout has passed; warn once after WAITING_WARNING_S.
+        Return whether a warning was given."""
+        refused = [c.address for c in self._down if c.failed_handshakes >= HANDSHAKE_ATTEMPTS]
+        if refused:
+            raise AuthenticationError(f"{refused[0]} refused us: do both ends use the same key?")
+        waited = time.monotonic() - since
+        addresses = ", ".join(self.addresses[:3])
+        if self.timeout is not None and waited >= self.timeout:
+            raise TimeoutError(f"no worker came up at {addresses} within {self.timeout} s")
+        if waited < WAITING_WARNING_S or warned:
+            return warned
+        hint = "is one started there, listening on that interface (python brokest.py --host)?"
+        log.warning("waiting for a worker to come up at %s: %s", addresses, hint)
+        return True
+
+    def _close_connections(self):
+        """Once the runners have ended, close the connections that are idle or down. (One that
+        a queue() in another thread still uses is closed with the context, when the Client is
+        garbage-collected: a socket must not be closed under the thread that uses it.)"""
+        for runner in self._runners:
+            runner.join()
+        with self._lock:
+            self._connections_closed = True
+            for connection in self._down + take_all(self._idle):
+                connection.socket.close()
+                connection.monitor.close()
 
 
-def results_in_order(in_flight, more, deadline):
-    """Yield the results of the chunk futures in_flight, in order, until deadline, taking one
-    more submitted chunk from more as each chunk's results start; closed or dropped, cancel
-    the chunks not yet sent."""
-    try:
-        while in_flight:
-            in_flight.extend(itertools.islice(more, 1))
-            outcomes = in_flight[0].result(None if deadline is None else deadline - time.monotonic())
-            in_flight.popleft()
-            outcomes.reverse()  # then pop each: a result we yielded stays referenced nowhere here
-            while outcomes:
-                yield result_of(outcomes.pop())
-    finally:
-        for future in in_flight:
-            future.cancel()
+def take_all(queue):
+    """Return the items of a SimpleQueue, taking them out."""
+    items = []
+    with contextlib.suppress(Empty):
+        while True:
+            items.append(queue.get_nowait())
+    return items
 
 
-def expand_ports(address):
-    """Return the addresses that address names: none, one, or one per port of a range like
-    tcp://host:9090-9093."""
-    prefix, _, ports = address.strip().rpartition(":")
-    if "-" not in ports:
-        return [address.strip()] if address.strip() else []
-    first, _, last = ports.partition("-")
-    if not (first.isdigit() and last.isdigit() and int(first) <= int(last)):
-        raise ValueError(f"bad port range in {address!r}: write first-last, as in 9090-9093")
-    return [f"{prefix}:{port}" for port in range(int(first), int(last) + 1)]
+class Task(Future):
+    """A call that submit() scheduled: a Future, which the runner that takes it fulfils."""
 
+    def __init__(self, function, calls):
+        super().__init__()
+        self.request = (function, calls)
+
+    def run(self, client):
+        """Run the call on one of client's workers, unless it was cancelled."""
+        if self.set_running_or_notify_cancel():
+            try:
+                self.set_result(result_of(client._run(*self.request)[0]))
+            except BaseException as error:
+                self.set_exception(error)
+        self.request = None  # the arguments are not kept alive by a Future that is kept
+
+
+class MapJob:
+    """A map in progress. Chunks of calls are read from its input and put on the task queue:
+    the job itself, once for each chunk, and a runner that takes it sends the next chunk.
+    results() yields their outcomes in order. (A Future for each chunk would cost a map of a
+    hundred thousand items a second before its first result, most of it in the garbage
+    collector.)"""
+
+    def __init__(self, function, calls, chunksize):
+        self.function = function
+        # The input in lists of chunksize calls' args, up to the empty list at its end.
+        self.chunks = iter(lambda: list(itertools.islice(calls, chunksize)), [])
+        self.read = 0  # how many chunks were read and scheduled
+        self.unsent = collections.deque()  # (number, chunk), scheduled and not yet sent
+        self.outcomes = {}  # by chunk number: its outcomes, or the exception that came instead
+        self.cancelled = False
+        self.changed = threading.Condition()
+
+    def schedule(self, client, count):
+        """Read up to count more chunks (None: all), and put the job on client's queue for each."""
+        try:
+            for chunk in itertools.islice(self.chunks, count):
+                self.unsent.append((self.read, chunk))
+                client._schedule(self)
+                self.read += 1
+        except Exception as error:  # the input's, or a shut-down client's: in the next's place
+            self.outcomes[self.read] = error  # no one waits for it yet: results() calls us
+            self.read += 1
+
+    def run(self, client):
+        """Send the next chunk on one of client's workers and keep its outcomes (in a runner)."""
+        if self.cancelled:
+            return
+        number, chunk = self.unsent.popleft()
+        try:
+            outcomes = client._run(self.function, zip(chunk, itertools.repeat({})))
+        except BaseException as error:  # WorkerLost, say: raised in this chunk's place
+            outcomes = error
+        with self.changed:
+            self.outcomes[number] = outcomes
+            self.changed.notify_all()
+
+    def cancel(self):
+        """Send no further chunk."""
+        with self.changed:
+            self.cancelled = True
+            self.changed.notify_all()
+
+    def results(self, client, buffersize, deadline):
+        """Yield the results of the calls in order until deadline; as each chunk's results
+        start, read and schedule one more chunk if there is a buffersize. Closed or dropped,
+        send no further chunk."""
+        try:
+            for number in itertools.count():
+                if buffersize:
+                    self.schedule(client, 1)
+                if number == self.read:  # the input is over, and every chunk was yielded
+                    return
+                timeout = None if deadline is None else deadline - time.monotonic()
+                with self.changed:
+                    arrived = lambda: number in self.outcomes or self.cancelled  # noqa: E731
+                    if not self.changed.wait_for(arrived, timeout):
+                        raise TimeoutError
+                    outcomes = self.outcomes.pop(number, CancelledError())
+                if isinstance(outcomes, BaseException):
+                    raise outcomes
+                outcomes.reverse()  # then pop each: a result yielded stays referenced nowhere here
+                while outcomes:
+                    yield result_of(outcomes.pop())
+        finally:
+            self.cancel()
+
+
+# --- queue(): a Client per process, from the environment ---
 
 _default_client = None
 _default_client_lock = threading.Lock()
@@ -704,14 +883,24 @@ def queue(fn, /, *args, **kwargs):
     with _default_client_lock:
         # A process forked from one that made it makes its own: the parent's works only there.
         if _default_client is None or _default_client._pid != os.getpid():
-            timeout = os.environ.get("BROKEST_TIMEOUT")
-            _default_client = Client(os.environ.get("BROKEST_ADDRESS", DEFAULT_ADDRESS),
-                                     timeout=float(timeout) if timeout else None,
-                                     key=os.environ.get("BROKEST_KEY"))
+            addresses = os.environ.get("BROKEST_ADDRESS", DEFAULT_ADDRESS)
+            seconds = os.environ.get("BROKEST_TIMEOUT")
+            timeout = float(seconds) if seconds else None
+            _default_client = Client(addresses, timeout=timeout, key=os.environ.get("BROKEST_KEY"))
     return _default_client.queue(fn, *args, **kwargs)
 
 
-# --- Command line: a supervisor and its worker processes ---
+# --- Supervisor and command line ---
+
+# How long a supervisor waits before replacing a worker that crashed: never a tight loop of
+# restarts, if something crashes every worker at once.
+RESTART_DELAY_S = 0.1
+# Workers are forked: the child inherits the listening socket and the shared hard_deadline.
+FORK = multiprocessing.get_context("fork")
+
+# What a supervisor knows of each worker process it started.
+Child = collections.namedtuple("Child", "listener process worker")
+
 
 class Supervisor:
     """Keeps a worker process serving on each listening socket until SIGINT or SIGTERM.
@@ -719,82 +908,104 @@ class Supervisor:
     The supervisor holds the listening sockets and each worker process serves on one, so a
     port stays open while its worker is replaced: clients reconnect at once, and wait."""
 
-    def __init__(self, listeners, options):
-        self.listeners, self.options = listeners, options
-        # workers: sentinel -> (listener, process, Worker, when it began to serve, its delay)
-        self.workers, self.stopping = {}, threading.Event()
+    def __init__(self, options):
+        self.options = options
+        self.children = {}  # by the sentinel of the child's process
+        self.stopping = threading.Event()
 
-    def run(self):
+    def run(self, listeners):
         """Start a worker on every listener, replace those that exit, end those stuck past
         their hard limit, restart them all on SIGHUP, stop them all at the end."""
-        log.info("supervisor %d serving ports %s", os.getpid(), [listener.getsockname()[1] for listener in self.listeners])
-        with signal_handlers({signal.SIGINT: self.stop, signal.SIGTERM: self.stop, signal.SIGHUP: self.retire_workers}):
-            for listener in self.listeners:
+        ports = [listener.getsockname()[1] for listener in listeners]
+        # At any verbosity: a quiet pool started with --port 0 must still say where it listens.
+        level = max(logging.INFO, log.getEffectiveLevel())
+        log.log(level, "supervisor %d serving ports %s", os.getpid(), ports)
+        # SIGHUP means that the terminal went away, when there is one (Celery's rule too).
+        # Started by systemd or setsid, there is none, and SIGHUP asks for fresh workers.
+        hang_up = self.stop if has_terminal() else self.restart
+        handlers = {signal.SIGINT: self.stop, signal.SIGTERM: self.stop, signal.SIGHUP: hang_up}
+        with signal_handlers(handlers):
+            for listener in listeners:
                 self.spawn_worker(listener, delay=0)
             while not self.stopping.is_set():
                 self.replace_exited_workers()
                 self.abort_stuck_workers()
         self.retire_workers()
-        for _, process, _, _, _ in self.workers.values():
-            process.join()
+        for child in self.children.values():
+            child.process.join()
 
-    def stop(self, *signal_args):
-        """Make run() stop the workers and return."""
+    def stop(self, signum, frame):
+        """Handle SIGINT, SIGTERM, or SIGHUP from a closing terminal: make run() stop the
+        workers and return."""
+        why = "the terminal closed, stopping" if signum == signal.SIGHUP else "stopping"
+        log.info("%s: %s", signal.Signals(signum).name, why)
         self.stopping.set()
 
-    def retire_workers(self, *signal_args):
-        """Ask every worker to stop after its task and drain; on SIGHUP the loop starts fresh
-        ones, which import the task modules anew."""
-        for _, process, _, _, _ in list(self.workers.values()):
-            process.terminate()  # SIGTERM
+    def restart(self, signum, frame):
+        """Handle SIGHUP without a terminal: replace every worker, after its task, with a fresh
+        process that imports the task modules anew."""
+        log.info("SIGHUP: restarting every worker")
+        self.retire_workers()
+
+    def retire_workers(self):
+        """Ask every worker to stop after its task and drain."""
+        for child in list(self.children.values()):
+            child.process.terminate()  # SIGTERM
 
     def spawn_worker(self, listener, delay):
         """Start a worker process that serves on listener once delay seconds have passed."""
-        worker = Worker(**self.options, port=listener.getsockname()[1], fd=listener.fileno())
-        # Forked, so that the child inherits the listening socket and the worker's
-        # hard_deadline. Until the child sets its own handlers it has ours: a signal sent to
-        # it meanwhile would run them there, and be lost, so signals wait until it is ready.
-        process = multiprocessing.get_context("fork").Process(target=run_worker, args=(worker, delay))
+        worker = Worker(**self.options, port=listener.getsockname()[1])
+        # The child inherits our signal handlers too, until the Worker sets its own: a signal
+        # that came meanwhile would run ours there, and be lost. So it starts with them
+        # blocked, and the Worker lets them in (signal_handlers).
+        process = FORK.Process(target=run_worker, args=(worker, listener.fileno(), delay))
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         process.start()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-        self.workers[process.sentinel] = listener, process, worker, time.monotonic() + delay, delay
+        self.children[process.sentinel] = Child(listener, process, worker)
 
     def replace_exited_workers(self):
-        """Wait up to CHECK_INTERVAL_MS for workers to exit; log why, and start their successors."""
-        for sentinel in multiprocessing.connection.wait(self.workers, CHECK_INTERVAL_MS / 1000):
-            listener, process, worker, serving_since, delay = self.workers.pop(sentinel)
-            process.join()  # its sentinel can be ready a moment before its exit status is
+        """Wait up to CHECK_INTERVAL_MS for workers to exit; log why, and start successors."""
+        for sentinel in multiprocessing.connection.wait(self.children, CHECK_INTERVAL_MS / 1000):
+            child = self.children.pop(sentinel)
+            child.process.join()  # its sentinel can be ready a moment before its exit status is
             if self.stopping.is_set():  # it was told to stop, and so are we
                 continue
-            code = process.exitcode  # 0: it retired, as planned, and its successor need not wait
-            died_young = code != 0 and time.monotonic() - serving_since < 1  # then wait longer each time
-            delay = min(max(2 * delay, RESTART_DELAY_S), RESTART_DELAY_MAX_S) if died_young else 0
-            how = ("retired" if code == 0 else f"was killed by {signal.Signals(-code).name}" if code < 0
-                   else f"exited with status {code}")
-            log.log(logging.INFO if code == 0 else logging.WARNING, "worker %d on port %d %s; starting "
-                    "another in %.1f s", process.pid, worker.port, how, delay)
-            self.spawn_worker(listener, delay)
+            code = child.process.exitcode  # 0: it retired, as planned; its successor need not wait
+            delay = 0 if code == 0 else RESTART_DELAY_S
+            how = "retired" if code == 0 else f"exited with status {code}"
+            if code < 0:
+                how = f"was killed by {signal.Signals(-code).name}"
+            level = logging.INFO if code == 0 else logging.WARNING
+            how += f"; starting another in {delay:.1f} s"
+            log.log(level, "worker %d on port %d %s", child.process.pid, child.worker.port, how)
+            self.spawn_worker(child.listener, delay)
 
     def abort_stuck_workers(self):
         """End every worker whose task runs past its hard limit, so its port is served again."""
-        for _, process, worker, _, _ in self.workers.values():
-            if worker.hard_deadline.value < time.monotonic():
-                log.warning("worker %d on port %d ran past its hard time limit; aborting it", process.pid, worker.port)
-                worker.hard_deadline.value = math.inf  # abort it once
+        for child in self.children.values():
+            if child.worker.hard_deadline.value < time.monotonic():
+                what = "ran past its hard time limit; aborting it"
+                log.warning("worker %d on port %d %s", child.process.pid, child.worker.port, what)
+                child.worker.hard_deadline.value = math.inf  # abort it once
                 # SIGABRT: faulthandler, enabled in run_worker, first prints where it was stuck.
-                os.kill(process.pid, signal.SIGABRT)
+                os.kill(child.process.pid, signal.SIGABRT)
 
 
-def run_worker(worker, delay):
+def has_terminal():
+    """Return whether this process has a controlling terminal."""
+    with contextlib.suppress(OSError):
+        os.close(os.open("/dev/tty", os.O_RDONLY))
+        return True
+    return False
+
+
+def run_worker(worker, fd, delay):
     """Serve as a supervised worker process until stopped, or orphaned by the supervisor."""
-    for signum in STOP_SIGNALS:  # until the Worker handles them, they end us at once
-        signal.signal(signum, signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     time.sleep(delay)
     faulthandler.enable()  # a task that crashes the process leaves its traceback in the log
     threading.Thread(target=stop_when_orphaned, args=(worker,), daemon=True).start()
-    worker.start()
+    worker.start(fd)
 
 
 def stop_when_orphaned(worker):
@@ -817,32 +1028,37 @@ def listen(host, port):
 def main(argv=None):
     """Start workers as the command line says; return when they have stopped."""
     parser = argparse.ArgumentParser(prog="brokest", description="Start brokest workers.")
-    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
-    parser.add_argument("--port", type=int, default=9090, help="first port; 0: any free (%(default)s)")
-    parser.add_argument("--processes", type=int, default=1, metavar="N", help="on ports PORT..PORT+N-1")
-    parser.add_argument("--time-limit", type=float, metavar="S", help="stop tasks running longer")
-    parser.add_argument("--max-tasks", type=int, metavar="N", help="replace a worker after N tasks")
-    parser.add_argument("--max-memory", type=int, metavar="MB", help="replace a worker grown past MB")
-    parser.add_argument("--key-file", metavar="F", help="file with the key (default: $BROKEST_KEY)")
-    parser.add_argument("--insecure", action="store_true", help="allow any --host without a key")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more")
-    parser.add_argument("-q", "--quiet", action="count", default=0, help="log less")
+    option = parser.add_argument
+    option("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
+    option("--port", type=int, default=9090, help="first port; 0: any free (%(default)s)")
+    option("--processes", type=int, default=1, metavar="N", help="on ports PORT..PORT+N-1")
+    option("--time-limit", type=float, metavar="S", help="stop tasks running longer")
+    option("--max-tasks", type=int, metavar="N", help="replace a worker after N tasks")
+    option("--max-memory", type=int, metavar="MB", help="replace a worker grown past MB")
+    option("--key-file", type=argparse.FileType("rb"), metavar="F", help="default: $BROKEST_KEY")
+    option("--insecure", action="store_true", help="allow any --host without a key")
+    option("-v", "--verbose", action="count", default=0, help="log more: -v shows each task")
+    option("-q", "--quiet", action="count", default=0, help="log less")
     args = parser.parse_args(argv)
-    if args.processes < 1:
-        parser.error("--processes must be at least 1")
-    logging.basicConfig(level=logging.INFO + 10 * (args.quiet - args.verbose),
-                        format="%(asctime)s brokest[%(process)d] %(message)s")
+    level = logging.INFO + 10 * (args.quiet - args.verbose)
+    logging.basicConfig(level=level, format="%(asctime)s brokest[%(process)d] %(message)s")
+    # Task modules are imported from where we are run, as with `python -m brokest`, however
+    # we were started: `python path/to/brokest.py`, or the installed `brokest` command.
+    sys.path.insert(0, os.getcwd())
     try:
-        key = Path(args.key_file).read_bytes().strip() if args.key_file else os.environ.get("BROKEST_KEY")
-        if args.key_file and not key:
-            raise ValueError(f"the key file {args.key_file} is empty")
-        options = dict(host=args.host, key=key, insecure=args.insecure, time_limit=args.time_limit,
-                       max_tasks=args.max_tasks, max_memory=args.max_memory)
+        names = ["host", "insecure", "time_limit", "max_tasks", "max_memory"]
+        options = {name: getattr(args, name) for name in names}
+        options["key"] = args.key_file.read() if args.key_file else os.environ.get("BROKEST_KEY")
+        if args.key_file and not as_key(options["key"]):
+            raise ValueError(f"the key file {args.key_file.name} is empty")
+        if args.processes < 1:
+            raise ValueError("--processes must be at least 1")
         Worker(**options)  # refuses an unsafe configuration before anything starts
-        listeners = [listen(args.host, args.port and args.port + n) for n in range(args.processes)]
+        ports = [args.port and args.port + n for n in range(args.processes)]
+        listeners = [listen(args.host, port) for port in ports]
     except (OSError, ValueError) as error:
         parser.exit(2, f"brokest: {error}\n")
-    Supervisor(listeners, options).run()
+    Supervisor(options).run(listeners)
 
 
 if __name__ == "__main__":
