@@ -487,6 +487,11 @@ HEARTBEAT_TIMEOUT_MS = 1500
 # a core at libzmq's 100 ms.
 RECONNECT_INTERVAL_MS = 10
 RECONNECT_INTERVAL_MAX_MS = 1000
+# What a client's monitor tells: a worker gone, and a handshake done or failed. (Not every
+# reconnection attempt: a Client of a thousand addresses, most of them down, would read those.)
+MONITOR_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+MONITOR_EVENTS |= zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+MONITOR_EVENTS |= zmq.EVENT_HANDSHAKE_FAILED_AUTH
 # How many handshakes in a row may fail without detail before we call the key wrong. A wrong
 # CURVE key fails every attempt; a worker that dies during a handshake spoils only one.
 HANDSHAKE_ATTEMPTS = 3
@@ -523,8 +528,7 @@ class Connection:
             self.socket.curve_serverkey = zmq.curve_public(curve_secret_key(key))
             self.socket.curve_publickey, self.socket.curve_secretkey = zmq.curve_keypair()
         # A REQ socket never says that its worker went away, or refused us; its monitor does.
-        self.monitor = self.socket.get_monitor_socket()
-        self.lost = False
+        self.monitor = self.socket.get_monitor_socket(MONITOR_EVENTS)
         self.retiring = False  # the worker said it ends after its reply: wait for its successor
         self.failed_handshakes = 0
         self.socket.connect(address)
@@ -543,8 +547,8 @@ class Connection:
                 self.retiring = False
             elif event == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
                 self.failed_handshakes += 1  # a wrong key, or a worker dying mid-handshake
-            elif event in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_AUTH):
-                self.failed_handshakes = HANDSHAKE_ATTEMPTS  # one end has no key: no retry
+            else:  # one end has a key and the other not: libzmq will not try again
+                self.failed_handshakes = HANDSHAKE_ATTEMPTS
 
     def ready(self):
         """Return whether a request sent now goes to a worker that is up and not retiring."""
@@ -556,7 +560,7 @@ class Connection:
         not run: the worker went away before the request could leave, or retired before it
         ran it. Raise WorkerLost, or TimeoutError once timeout seconds (None: no limit) and
         TIMEOUT_GRACE_S have passed."""
-        self.lost = False  # a disconnect that ready() read: the worker has come back since
+        self.lost = False  # lost during this request; a disconnect before it, ready() read
         try:
             self.socket.send_multipart(request, copy=False)  # large frames leave uncopied
         except zmq.Again:
@@ -615,12 +619,10 @@ class Client(Executor):
 
     def queue(self, fn, /, *args, **kwargs):
         """Run fn(*args, **kwargs) on an idle worker; return its result, or raise its exception."""
-        self._check_process()
         return result_of(self._run(dumps(fn)[0], [(args, kwargs)])[0])
 
     def submit(self, fn, /, *args, **kwargs):
         """Schedule fn(*args, **kwargs) on a worker; return a concurrent.futures.Future."""
-        self._check_process()
         return self._schedule(Task(dumps(fn)[0], [(args, kwargs)]))
 
     def map(self, fn, *iterables, timeout=None, chunksize=1, buffersize=None):
@@ -636,7 +638,6 @@ class Client(Executor):
             raise TypeError("buffersize must be an integer or None")
         if buffersize is not None and buffersize < 1:
             raise ValueError("buffersize must be None or > 0")
-        self._check_process()
         deadline = None if timeout is None else time.monotonic() + timeout
         job = MapJob(dumps(fn)[0], zip(*iterables), chunksize)
         job.schedule(self, buffersize)
@@ -657,13 +658,15 @@ class Client(Executor):
             closing.join()
 
     def _check_process(self):
-        """Raise RuntimeError in a process forked from the one that made this Client."""
+        """Raise RuntimeError in a process forked from the one that made this Client (every
+        call passes here: through _checkout(), or _schedule() for the runners)."""
         if os.getpid() != self._pid:  # our ZeroMQ context and threads stayed in the parent
             raise RuntimeError(f"a Client of process {self._pid}: make a Client in this process")
 
     def _schedule(self, task):
         """Put a task on the queue for the runners and return it: a Task, or a MapJob with a
         chunk to send. The first task starts the runners, one per worker."""
+        self._check_process()
         with self._lock:
             if self._shut_down:
                 raise RuntimeError("cannot schedule new futures after shutdown")
@@ -707,6 +710,7 @@ class Client(Executor):
 
     def _checkout(self):
         """Take an idle connection whose worker is up, waiting while there is none."""
+        self._check_process()
         nobody_up_since = time.monotonic()
         warned = False
         wait = 0.001  # doubles up to CHECK_INTERVAL_MS: a worker coming up wakes no one
@@ -922,7 +926,10 @@ class Supervisor:
         log.log(level, "supervisor %d serving ports %s", os.getpid(), ports)
         # SIGHUP means that the terminal went away, when there is one (Celery's rule too).
         # Started by systemd or setsid, there is none, and SIGHUP asks for fresh workers.
-        hang_up = self.stop if has_terminal() else self.restart
+        hang_up = self.restart
+        with contextlib.suppress(OSError):  # without a controlling terminal, there is no tty
+            os.close(os.open("/dev/tty", os.O_RDONLY))
+            hang_up = self.stop
         handlers = {signal.SIGINT: self.stop, signal.SIGTERM: self.stop, signal.SIGHUP: hang_up}
         with signal_handlers(handlers):
             for listener in listeners:
@@ -990,14 +997,6 @@ class Supervisor:
                 child.worker.hard_deadline.value = math.inf  # abort it once
                 # SIGABRT: faulthandler, enabled in run_worker, first prints where it was stuck.
                 os.kill(child.process.pid, signal.SIGABRT)
-
-
-def has_terminal():
-    """Return whether this process has a controlling terminal."""
-    with contextlib.suppress(OSError):
-        os.close(os.open("/dev/tty", os.O_RDONLY))
-        return True
-    return False
 
 
 def run_worker(worker, fd, delay):
