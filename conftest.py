@@ -84,7 +84,7 @@ class WorkerProcess:
     It runs in a session of its own, without a controlling terminal, as under systemd: so
     SIGHUP means a rolling restart, also when the tests run from a terminal."""
 
-    def __init__(self, *options, workers=1, env=None, command=None, **popen):
+    def __init__(self, *options, workers=1, env=None, command=None, timeout=10.0, **popen):
         self.process = subprocess.Popen(
             [*(command or [sys.executable, BROKEST]), *options],
             stderr=subprocess.PIPE,
@@ -99,7 +99,8 @@ class WorkerProcess:
         self.changed = threading.Condition()
         self.reader = threading.Thread(target=self._read_log, daemon=True)
         self.reader.start()
-        self.wait_for_log(r"listening on" if workers else "serving ports", count=workers or 1)
+        ready = r"listening on" if workers else "serving ports"
+        self.wait_for_log(ready, count=workers or 1, timeout=timeout)
 
     def _read_log(self):
         for line in self.process.stderr:

@@ -334,6 +334,24 @@ def test_many_threads_share_one_client_and_lose_nothing(two_workers, make_client
     assert {pid for pid, _ in results} == {w.pid for w in two_workers}
 
 
+def test_client_of_a_thousand_workers_dispatches_to_the_hundred_that_are_up(start_worker):
+    # libzmq's default context allows 1,023 sockets; each connection takes three. The tasks
+    # need no import on the workers: a hundred workers importing this test module at once
+    # would keep two cores busy for half a minute.
+    workers = start_worker("--processes", "100", workers=100, timeout=60)
+    up = workers.addresses
+    down = [f"tcp://127.0.0.1:{free_port()}" for _ in range(900)]
+    started = time.monotonic()
+    client = brokest.Client(up + down, timeout=30)
+    try:
+        assert time.monotonic() - started < 5
+        assert list(client.map(time.sleep, [0.05] * 1000, timeout=60)) == [None] * 1000
+        served = set(client.map(lambda _: os.getpid(), range(1000), timeout=60))
+        assert served <= {workers.pid_on(address) for address in up} and len(served) > 50
+    finally:
+        client.shutdown()
+
+
 def test_client_refuses_tasks_after_shutdown(worker):
     client = brokest.Client(worker.address)
     client.shutdown()
