@@ -1,8 +1,9 @@
 """brokest in one page: queue() a function, see an exception come home, map() a job over workers.
 
-    python app.py                                          # starts two local workers of its own
-    python app.py --address tcp://127.0.0.1:9090,tcp://127.0.0.1:9091   # uses running workers
+python app.py                                          # starts two local workers of its own
+python app.py --address tcp://127.0.0.1:9090,tcp://127.0.0.1:9091   # uses running workers
 """
+
 import argparse
 import os
 import socket
@@ -19,14 +20,16 @@ def count_primes(start, stop):
 
 
 def start_local_workers(count):
-    """Start count worker processes on ports the OS says are free; return them and their addresses."""
+    """Start count workers on ports the OS says are free; return their processes and addresses."""
     ports = []
     for _ in range(count):
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             ports.append(probe.getsockname()[1])
-    workers = [subprocess.Popen([sys.executable, brokest.__file__, "--port", str(port), "-q"])
-               for port in ports]
+    workers = [
+        subprocess.Popen([sys.executable, brokest.__file__, "--port", str(port), "-q"])
+        for port in ports
+    ]
     return workers, [f"tcp://127.0.0.1:{port}" for port in ports]
 
 
@@ -34,7 +37,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--address", help="comma-separated worker addresses (default: start two)")
     args = parser.parse_args()
-    workers, addresses = ([], args.address.split(",")) if args.address else start_local_workers(2)
+    if args.address:
+        workers, addresses = [], args.address.split(",")
+    else:
+        workers, addresses = start_local_workers(2)
     os.environ["BROKEST_ADDRESS"] = ",".join(addresses)  # what brokest.queue() reads
     try:
         # 1. queue(): the function and its arguments go to a worker, the result comes back.

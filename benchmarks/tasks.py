@@ -1,4 +1,5 @@
 """Tasks for bench.py, in a module of their own so workers import them (pickled by reference)."""
+
 import time
 from pathlib import Path
 
