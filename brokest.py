@@ -131,19 +131,21 @@ def pack(key, head, payload):
     return [sign(key, frames), *frames]
 
 
-def dumps(value):
-    """Return value's pickle, and the large buffers it left out (protocol 5)."""
+def dumps(value, out_of_band=True):
+    """Return value's pickle (protocol 5) and the large buffers it left out, to travel as
+    frames of their own: none unless out_of_band (a function's pickle keeps them in)."""
     # The standard pickle is microseconds faster, and writes the same bytes as cloudpickle
     # for whatever the other side can import by name. Where it fails, or names __main__ (the
     # other side has its own), or a module is registered to travel by value, cloudpickle
     # sends by value what cannot be imported.
+    buffers = []
+    callback = buffers.append if out_of_band else None
     with contextlib.suppress(Exception):
-        buffers = []
-        body = pickle.dumps(value, protocol=5, buffer_callback=buffers.append)
+        body = pickle.dumps(value, protocol=5, buffer_callback=callback)
         if b"__main__" not in body and not cloudpickle.list_registry_pickle_by_value():
             return body, buffers
-    buffers = []
-    return cloudpickle.dumps(value, protocol=5, buffer_callback=buffers.append), buffers
+    buffers.clear()  # whatever the standard pickle handed out before it gave up
+    return cloudpickle.dumps(value, protocol=5, buffer_callback=callback), buffers
 
 
 def verified(key, frames, count):
@@ -384,7 +386,8 @@ class Worker:
                 while not self._stopping.is_set():
                     with contextlib.suppress(zmq.Again):  # nothing came: look at _stopping
                         # One expression: the request and the reply are freed once sent, not
-                        # held while the next request is awaited (they may be large).
+                        # held while the next request is awaited (they may be large). The
+                        # frames copied: the signature, the function, the call.
                         socket.send_multipart(self.answer(receive(socket, copied=3)), copy=False)
                 self.drain(socket)
         log.info("worker %d on %s stopped", os.getpid(), self.address)
@@ -398,15 +401,15 @@ class Worker:
         """Return the reply to a request's frames: its calls' outcomes, or why it was refused."""
         started = time.perf_counter()
         try:
-            function, body, *buffers = verified(self.key, request, count=2)
+            pickled_fn, body, *buffers = verified(self.key, request, count=2)
             request_id, calls, time_limit = unpickle(body, buffers)
-            fn = load_function(function)
+            fn = load_function(pickled_fn)
             calls = list(calls)
             time_limit = math.inf if time_limit is None else float(time_limit)
         except Exception as error:
             log.warning("rejected a request: %s", error)
             return self.reply(None, [("error", f"request rejected: {error}")])
-        outcomes = self.run(fn, calls, min(time_limit, self.time_limit))
+        outcomes = self.run_calls(fn, calls, min(time_limit, self.time_limit))
         if log.isEnabledFor(logging.DEBUG):  # one line per task, with -v
             errors = [type(value[0]).__name__ for kind, value in outcomes if kind == "exception"]
             status = f"error {errors[0]}" if errors else "ok"
@@ -415,8 +418,9 @@ class Worker:
         self.retire_if_worn_out()
         return self.reply(request_id, outcomes)
 
-    def run(self, fn, calls, time_limit):
-        """Return the outcomes of calls of fn, stopped once they run past time_limit seconds."""
+    def run_calls(self, fn, calls, time_limit):
+        """Return the outcomes of calls of fn, stopped once they have run time_limit seconds
+        (one limit for all of them: a map chunk is one task)."""
         deadline = time.monotonic() + time_limit
         # SIGALRM's handler runs in the main thread: only there can a time limit stop a task.
         if threading.current_thread() is not threading.main_thread():
@@ -560,7 +564,7 @@ class Connection:
         not run: the worker went away before the request could leave, or retired before it
         ran it. Raise WorkerLost, or TimeoutError once timeout seconds (None: no limit) and
         TIMEOUT_GRACE_S have passed."""
-        self.lost = False  # lost during this request; a disconnect before it, ready() read
+        self.lost = False  # a disconnect that ready() read came before this request
         try:
             self.socket.send_multipart(request, copy=False)  # large frames leave uncopied
         except zmq.Again:
@@ -568,6 +572,7 @@ class Connection:
         deadline = math.inf if timeout is None else time.monotonic() + timeout + TIMEOUT_GRACE_S
         while True:
             with contextlib.suppress(zmq.Again):  # nothing came within CHECK_INTERVAL_MS
+                # The frames copied: the signature and the outcomes' pickle.
                 body, *buffers = verified(self.key, receive(self.socket, copied=2), count=1)
                 reply_id, self.retiring, outcomes = unpickle(body, buffers)
                 if reply_id not in (request_id, None):  # None: it could not read our request
@@ -585,8 +590,9 @@ class Client(Executor):
 
     addresses: one address, a list, or a comma-separated string ("tcp://host:port", or just
         "host:port"); a port range ("tcp://host:9090-9093") names a worker on each port.
-    timeout: seconds a task may take on a worker (from sending it to its reply); None = no limit.
-        The worker stops a task that runs longer, by raising TimeoutError inside it.
+    timeout: seconds a task (a call, or a chunk of a map) may take on a worker, from sending it
+        to its reply; None = no limit. The worker stops a task that runs longer, by raising
+        TimeoutError inside it.
     key: the shared secret (str or bytes): it encrypts the traffic, proves the worker holds it
         too, and signs every message; None = plain TCP, unsigned.
     retries: how often a task is sent again after WorkerLost; a task that raised is never resent.
@@ -619,11 +625,13 @@ class Client(Executor):
 
     def queue(self, fn, /, *args, **kwargs):
         """Run fn(*args, **kwargs) on an idle worker; return its result, or raise its exception."""
-        return result_of(self._run(dumps(fn)[0], [(args, kwargs)])[0])
+        return result_of(
+            self._run_on_a_worker(dumps(fn, out_of_band=False)[0], [(args, kwargs)])[0]
+        )
 
     def submit(self, fn, /, *args, **kwargs):
         """Schedule fn(*args, **kwargs) on a worker; return a concurrent.futures.Future."""
-        return self._schedule(Task(dumps(fn)[0], [(args, kwargs)]))
+        return self._schedule(Task(dumps(fn, out_of_band=False)[0], [(args, kwargs)]))
 
     def map(self, fn, *iterables, timeout=None, chunksize=1, buffersize=None):
         """Return an iterator of fn(*args) for args in zip(*iterables), run on all workers at once.
@@ -639,7 +647,7 @@ class Client(Executor):
         if buffersize is not None and buffersize < 1:
             raise ValueError("buffersize must be None or > 0")
         deadline = None if timeout is None else time.monotonic() + timeout
-        job = MapJob(dumps(fn)[0], zip(*iterables), chunksize)
+        job = MapJob(dumps(fn, out_of_band=False)[0], zip(*iterables), chunksize)
         job.schedule(self, buffersize)
         return job.results(self, buffersize, deadline)
 
@@ -682,8 +690,8 @@ class Client(Executor):
         while task := self._tasks.get():
             task.run(self)
 
-    def _run(self, function, calls):
-        """Run calls (args, kwargs) of a pickled function as one task on an idle worker and
+    def _run_on_a_worker(self, pickled_fn, calls):
+        """Run calls (args, kwargs) of a pickled function as one task on an idle worker, and
         return their outcomes. A request that did not run is sent again; one whose worker was
         lost, while retries last (to another worker, when there is one)."""
         calls = [
@@ -691,7 +699,7 @@ class Client(Executor):
             for args, kwargs in calls
         ]
         request_id = os.urandom(8)
-        request = pack(self.key, [function], (request_id, calls, self.timeout))
+        request = pack(self.key, [pickled_fn], (request_id, calls, self.timeout))
         retries = self.retries
         while True:
             connection = self._checkout()
@@ -713,7 +721,7 @@ class Client(Executor):
         self._check_process()
         nobody_up_since = time.monotonic()
         warned = False
-        wait = 0.001  # doubles up to CHECK_INTERVAL_MS: a worker coming up wakes no one
+        wait = 0.001  # doubling up to CHECK_INTERVAL_MS: nothing says when a worker comes up
         while not self._connections_closed:
             self._look_again_at_down_connections()
             try:
@@ -773,27 +781,27 @@ class Client(Executor):
                 connection.monitor.close()
 
 
-def take_all(queue):
+def take_all(simple_queue):
     """Return the items of a SimpleQueue, taking them out."""
     items = []
     with contextlib.suppress(Empty):
         while True:
-            items.append(queue.get_nowait())
+            items.append(simple_queue.get_nowait())
     return items
 
 
 class Task(Future):
     """A call that submit() scheduled: a Future, which the runner that takes it fulfils."""
 
-    def __init__(self, function, calls):
+    def __init__(self, pickled_fn, calls):
         super().__init__()
-        self.request = (function, calls)
+        self.request = (pickled_fn, calls)
 
     def run(self, client):
         """Run the call on one of client's workers, unless it was cancelled."""
         if self.set_running_or_notify_cancel():
             try:
-                self.set_result(result_of(client._run(*self.request)[0]))
+                self.set_result(result_of(client._run_on_a_worker(*self.request)[0]))
             except BaseException as error:
                 self.set_exception(error)
         self.request = None  # the arguments are not kept alive by a Future that is kept
@@ -806,11 +814,11 @@ class MapJob:
     hundred thousand items a second before its first result, most of it in the garbage
     collector.)"""
 
-    def __init__(self, function, calls, chunksize):
-        self.function = function
+    def __init__(self, pickled_fn, calls, chunksize):
+        self.pickled_fn = pickled_fn
         # The input in lists of chunksize calls' args, up to the empty list at its end.
         self.chunks = iter(lambda: list(itertools.islice(calls, chunksize)), [])
-        self.read = 0  # how many chunks were read and scheduled
+        self.chunks_read = 0  # and scheduled: one that could not be is not counted
         self.unsent = collections.deque()  # (number, chunk), scheduled and not yet sent
         self.outcomes = {}  # by chunk number: its outcomes, or the exception that came instead
         self.cancelled = False
@@ -820,12 +828,13 @@ class MapJob:
         """Read up to count more chunks (None: all), and put the job on client's queue for each."""
         try:
             for chunk in itertools.islice(self.chunks, count):
-                self.unsent.append((self.read, chunk))
+                self.unsent.append((self.chunks_read, chunk))
                 client._schedule(self)
-                self.read += 1
+                self.chunks_read += 1
         except Exception as error:  # the input's, or a shut-down client's: in the next's place
-            self.outcomes[self.read] = error  # no one waits for it yet: results() calls us
-            self.read += 1
+            # No lock: results(), the only reader, is calling us, or has not started yet.
+            self.outcomes[self.chunks_read] = error
+            self.chunks_read += 1
 
     def run(self, client):
         """Send the next chunk on one of client's workers and keep its outcomes (in a runner)."""
@@ -833,7 +842,7 @@ class MapJob:
             return
         number, chunk = self.unsent.popleft()
         try:
-            outcomes = client._run(self.function, zip(chunk, itertools.repeat({})))
+            outcomes = client._run_on_a_worker(self.pickled_fn, zip(chunk, itertools.repeat({})))
         except BaseException as error:  # WorkerLost, say: raised in this chunk's place
             outcomes = error
         with self.changed:
@@ -854,7 +863,7 @@ class MapJob:
             for number in itertools.count():
                 if buffersize:
                     self.schedule(client, 1)
-                if number == self.read:  # the input is over, and every chunk was yielded
+                if number == self.chunks_read:  # the input is over, and every chunk was yielded
                     return
                 timeout = None if deadline is None else deadline - time.monotonic()
                 with self.changed:
@@ -896,8 +905,8 @@ def queue(fn, /, *args, **kwargs):
 
 # --- Supervisor and command line ---
 
-# How long a supervisor waits before replacing a worker that crashed: never a tight loop of
-# restarts, if something crashes every worker at once.
+# How long a supervisor waits before replacing a worker that crashed: if something crashes
+# every worker at once, at most ten restarts a second for each port, not a tight loop.
 RESTART_DELAY_S = 0.1
 # Workers are forked: the child inherits the listening socket and the shared hard_deadline.
 FORK = multiprocessing.get_context("fork")
@@ -934,12 +943,11 @@ class Supervisor:
         with signal_handlers(handlers):
             for listener in listeners:
                 self.spawn_worker(listener, delay=0)
-            while not self.stopping.is_set():
+            while self.children:  # and while stopping, so a stuck task is still ended
+                if self.stopping.is_set():
+                    self.retire_workers()  # again: harmless, and reaches one started late
                 self.replace_exited_workers()
                 self.abort_stuck_workers()
-        self.retire_workers()
-        for child in self.children.values():
-            child.process.join()
 
     def stop(self, signum, frame):
         """Handle SIGINT, SIGTERM, or SIGHUP from a closing terminal: make run() stop the
@@ -979,14 +987,13 @@ class Supervisor:
             if self.stopping.is_set():  # it was told to stop, and so are we
                 continue
             code = child.process.exitcode  # 0: it retired, as planned; its successor need not wait
-            delay = 0 if code == 0 else RESTART_DELAY_S
             how = "retired" if code == 0 else f"exited with status {code}"
             if code < 0:
                 how = f"was killed by {signal.Signals(-code).name}"
             level = logging.INFO if code == 0 else logging.WARNING
-            how += f"; starting another in {delay:.1f} s"
+            how += "; starting another"
             log.log(level, "worker %d on port %d %s", child.process.pid, child.worker.port, how)
-            self.spawn_worker(child.listener, delay)
+            self.spawn_worker(child.listener, delay=0 if code == 0 else RESTART_DELAY_S)
 
     def abort_stuck_workers(self):
         """End every worker whose task runs past its hard limit, so its port is served again."""
@@ -1053,7 +1060,7 @@ def main(argv=None):
         if args.processes < 1:
             raise ValueError("--processes must be at least 1")
         Worker(**options)  # refuses an unsafe configuration before anything starts
-        ports = [args.port and args.port + n for n in range(args.processes)]
+        ports = [args.port and args.port + n for n in range(args.processes)]  # 0 stays 0
         listeners = [listen(args.host, port) for port in ports]
     except (OSError, ValueError) as error:
         parser.exit(2, f"brokest: {error}\n")

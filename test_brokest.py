@@ -253,6 +253,12 @@ def test_large_bytes_like_values_come_back_as_the_same_type(worker, make_client,
     assert type(result) is kind and bytes(result) == bytes(value)
 
 
+def test_a_function_that_closes_over_an_array_travels_whole(worker, make_client):
+    numpy = pytest.importorskip("numpy")
+    array = numpy.arange(1 << 16)
+    assert make_client(worker.address).queue(lambda: int(array.sum())) == int(array.sum())
+
+
 def test_numpy_array_comes_back_equal_and_writable(worker, make_client):
     numpy = pytest.importorskip("numpy")
     array = numpy.arange(1 << 18, dtype=numpy.float64).reshape(512, 512)
@@ -1276,7 +1282,7 @@ def test_max_tasks_1_serves_each_call_in_a_fresh_process_without_delay(
     pids = [client.queue(os.getpid) for _ in range(12)]
     assert len(set(pids)) == 12
     assert time.monotonic() - started < 8
-    retired = r"worker \d+ on port \d+ retired; starting another in 0.0 s"
+    retired = r"worker \d+ on port \d+ retired; starting another"
     assert workers.wait_for_log(retired, count=12)
 
 
