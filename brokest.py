@@ -148,6 +148,11 @@ def dumps(value, out_of_band=True):
     return cloudpickle.dumps(value, protocol=5, buffer_callback=callback), buffers
 
 
+def pickled(fn):
+    """Return the pickle of fn, for a request's function frame (its own buffers stay inside)."""
+    return dumps(fn, out_of_band=False)[0]
+
+
 def verified(key, frames, count):
     """Return the frames after the signature, count of them at least, if it verifies."""
     if len(frames) < 1 + count:
@@ -625,13 +630,11 @@ class Client(Executor):
 
     def queue(self, fn, /, *args, **kwargs):
         """Run fn(*args, **kwargs) on an idle worker; return its result, or raise its exception."""
-        return result_of(
-            self._run_on_a_worker(dumps(fn, out_of_band=False)[0], [(args, kwargs)])[0]
-        )
+        return result_of(self._run_on_a_worker(pickled(fn), [(args, kwargs)])[0])
 
     def submit(self, fn, /, *args, **kwargs):
         """Schedule fn(*args, **kwargs) on a worker; return a concurrent.futures.Future."""
-        return self._schedule(Task(dumps(fn, out_of_band=False)[0], [(args, kwargs)]))
+        return self._schedule(Task(pickled(fn), [(args, kwargs)]))
 
     def map(self, fn, *iterables, timeout=None, chunksize=1, buffersize=None):
         """Return an iterator of fn(*args) for args in zip(*iterables), run on all workers at once.
@@ -647,7 +650,7 @@ class Client(Executor):
         if buffersize is not None and buffersize < 1:
             raise ValueError("buffersize must be None or > 0")
         deadline = None if timeout is None else time.monotonic() + timeout
-        job = MapJob(dumps(fn, out_of_band=False)[0], zip(*iterables), chunksize)
+        job = MapJob(pickled(fn), zip(*iterables), chunksize)
         job.schedule(self, buffersize)
         return job.results(self, buffersize, deadline)
 
