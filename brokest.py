@@ -301,8 +301,8 @@ def worker_addresses(addresses):
         first = int(match[2]) if match else 0
         last = int(match[3] or first) if match else 0
         if not 0 < first <= last < 65536:
-            how = "write host:port, tcp://host:port, or a port range such as host:9090-9093"
-            raise ValueError(f"bad worker address {address!r}: {how}")
+            usage = "write host:port, tcp://host:port, or a port range such as host:9090-9093"
+            raise ValueError(f"bad worker address {address!r}: {usage}")
         found += [f"tcp://{match[1]}:{port}" for port in range(first, last + 1)]
     if not found:
         raise ValueError("a Client needs at least one worker address")
@@ -990,12 +990,12 @@ class Supervisor:
             if self.stopping.is_set():  # it was told to stop, and so are we
                 continue
             code = child.process.exitcode  # 0: it retired, as planned; its successor need not wait
-            how = "retired" if code == 0 else f"exited with status {code}"
+            ending = "retired" if code == 0 else f"exited with status {code}"
             if code < 0:
-                how = f"was killed by {signal.Signals(-code).name}"
+                ending = f"was killed by {signal.Signals(-code).name}"
             level = logging.INFO if code == 0 else logging.WARNING
-            how += "; starting another"
-            log.log(level, "worker %d on port %d %s", child.process.pid, child.worker.port, how)
+            ending += "; starting another"
+            log.log(level, "worker %d on port %d %s", child.process.pid, child.worker.port, ending)
             self.spawn_worker(child.listener, delay=0 if code == 0 else RESTART_DELAY_S)
 
     def abort_stuck_workers(self):
