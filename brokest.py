@@ -363,7 +363,9 @@ class Worker:
         self.max_memory = max_memory or math.inf
         self.tasks_done = 0
         self.address = None
-        self._stopping = threading.Event()
+        # Set by stop(), which may run as a signal handler, even inside itself when a second
+        # signal comes: a plain flag, as a lock would wait for its own holder.
+        self.stopping = False
         # When the running task passes its hard limit (time.monotonic(); inf: no task, or no
         # limit), in memory that a supervisor which forked us shares: it ends us then.
         self.hard_deadline = multiprocessing.RawValue("d", math.inf)
@@ -388,8 +390,8 @@ class Worker:
                 socket.bind(f"tcp://{self.host}:{self.port or '*'}")
                 self.address = socket.last_endpoint.decode()
                 log.info("worker %d listening on %s", os.getpid(), self.address)
-                while not self._stopping.is_set():
-                    with contextlib.suppress(zmq.Again):  # nothing came: look at _stopping
+                while not self.stopping:
+                    with contextlib.suppress(zmq.Again):  # nothing came: look at stopping
                         # One expression: the request and the reply are freed once sent, not
                         # held while the next request is awaited (they may be large). The
                         # frames copied: the signature, the function, the call.
@@ -400,7 +402,7 @@ class Worker:
     def stop(self, *signal_args):
         """Make start() return once the running task is answered and the socket drained (about
         a second at most); callable from any thread, and again."""
-        self._stopping.set()
+        self.stopping = True
 
     def answer(self, request):
         """Return the reply to a request's frames: its calls' outcomes, or why it was refused."""
@@ -440,7 +442,7 @@ class Worker:
     def reply(self, request_id, outcomes):
         """Return the frames of the reply carrying outcomes (None: not run); an outcome that
         cannot be pickled is replaced by the error that says why."""
-        retiring = self._stopping.is_set()
+        retiring = self.stopping
         with contextlib.suppress(Exception):
             return pack(self.key, [], (request_id, retiring, outcomes))
         outcomes = [picklable(outcome) for outcome in outcomes]
@@ -927,7 +929,7 @@ class Supervisor:
     def __init__(self, options):
         self.options = options
         self.children = {}  # by the sentinel of the child's process
-        self.stopping = threading.Event()
+        self.stopping = False  # a plain flag, set by signal handlers (see Worker.stopping)
 
     def run(self, listeners):
         """Start a worker on every listener, replace those that exit, end those stuck past
@@ -947,7 +949,7 @@ class Supervisor:
             for listener in listeners:
                 self.spawn_worker(listener, delay=0)
             while self.children:  # and while stopping, so a stuck task is still ended
-                if self.stopping.is_set():
+                if self.stopping:
                     self.retire_workers()  # again: harmless, and reaches one started late
                 self.replace_exited_workers()
                 self.abort_stuck_workers()
@@ -957,7 +959,7 @@ class Supervisor:
         workers and return."""
         why = "the terminal closed, stopping" if signum == signal.SIGHUP else "stopping"
         log.info("%s: %s", signal.Signals(signum).name, why)
-        self.stopping.set()
+        self.stopping = True
 
     def restart(self, signum, frame):
         """Handle SIGHUP without a terminal: replace every worker, after its task, with a fresh
@@ -987,7 +989,7 @@ class Supervisor:
         for sentinel in multiprocessing.connection.wait(self.children, CHECK_INTERVAL_MS / 1000):
             child = self.children.pop(sentinel)
             child.process.join()  # its sentinel can be ready a moment before its exit status is
-            if self.stopping.is_set():  # it was told to stop, and so are we
+            if self.stopping:  # it was told to stop, and so are we
                 continue
             code = child.process.exitcode  # 0: it retired, as planned; its successor need not wait
             ending = "retired" if code == 0 else f"exited with status {code}"

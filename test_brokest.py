@@ -1147,6 +1147,26 @@ def test_sigterm_stops_the_supervisor_and_every_worker_cleanly(
     assert all(parent_of(pid) is None for pid in pids)
 
 
+def test_stop_may_run_again_inside_itself_as_a_second_signal_handler_would():
+    # a signal that comes while its handler runs runs the handler again, at whatever line the
+    # first had reached: here, at every line. A handler that took a lock would wait for itself.
+    worker = brokest.Worker(port=0)
+    reentered = []
+
+    def stop_again_at_every_line(frame, event, arg):
+        if event == "line" and len(reentered) < 20:
+            reentered.append(frame.f_code.co_name)
+            worker.stop()
+        return stop_again_at_every_line
+
+    sys.settrace(stop_again_at_every_line)
+    try:
+        worker.stop()
+    finally:
+        sys.settrace(None)
+    assert reentered  # it did run inside itself, and came back
+
+
 def test_supervisor_logs_its_pid_and_ports_when_it_starts(start_worker):
     workers = start_worker("--processes", "2", workers=2)
     [line] = workers.wait_for_log(r"supervisor \d+ serving ports")
