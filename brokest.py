@@ -545,11 +545,13 @@ class Connection:
         self.socket.connect(address)
 
     def read_events(self):
-        """Take in what the monitor reported: a lost worker, a handshake done or failed."""
+        """Take in what the monitor reported, a handshake done or failed; return whether the
+        worker went away since we last read."""
+        lost = False
         while self.monitor.get(zmq.EVENTS) & zmq.POLLIN:
             event = recv_monitor_message(self.monitor)["event"]
             if event == zmq.EVENT_DISCONNECTED:
-                self.lost = True
+                lost = True
             elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 # A retirement ends with the successor's handshake, not with the disconnect:
                 # the monitor tells of a disconnect a moment before the socket drops the old
@@ -560,10 +562,11 @@ class Connection:
                 self.failed_handshakes += 1  # a wrong key, or a worker dying mid-handshake
             else:  # one end has a key and the other not: libzmq will not try again
                 self.failed_handshakes = HANDSHAKE_ATTEMPTS
+        return lost
 
     def ready(self):
         """Return whether a request sent now goes to a worker that is up and not retiring."""
-        self.read_events()
+        self.read_events()  # a disconnect read here came before any request we send
         return not self.retiring and self.socket.get(zmq.EVENTS) & zmq.POLLOUT
 
     def round_trip(self, request_id, request, timeout):
@@ -571,7 +574,6 @@ class Connection:
         not run: the worker went away before the request could leave, or retired before it
         ran it. Raise WorkerLost, or TimeoutError once timeout seconds (None: no limit) and
         TIMEOUT_GRACE_S have passed."""
-        self.lost = False  # a disconnect that ready() read came before this request
         try:
             self.socket.send_multipart(request, copy=False)  # large frames leave uncopied
         except zmq.Again:
@@ -585,8 +587,7 @@ class Connection:
                 if reply_id not in (request_id, None):  # None: it could not read our request
                     raise RemoteError("the reply answers a different request")
                 return outcomes
-            self.read_events()
-            if self.lost:
+            if self.read_events():
                 raise WorkerLost(f"lost the worker at {self.address} while the task was in flight")
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"no reply from {self.address} within {timeout} s")
